@@ -1,0 +1,67 @@
+"""tools/report.py on synthetic run directories (no training needed)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools import report
+from trainers.metrics import MetricsWriter, loss_histogram, read_jsonl
+
+
+def _fake_run(d: Path, policy: str, keep: float, seed: int, acc: float, epochs: int = 3, n: int = 1000) -> Path:
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({"policy": policy, "keep": keep, "seed": seed, "epochs": epochs,
+                                               "data_name": "toy", "data": "/x/toy"}))
+    w = MetricsWriter(d / "metrics.jsonl")
+    k = n if policy == "full" else int(keep * n)
+    wall = 0.0
+    for e in range(epochs):
+        wall += k / 100
+        w.write({"epoch": e, "kept": k, "steps": k // 100, "samples_read": k, "bytes_read": k * 1000,
+                 "requests": k, "full_samples": n, "full_bytes": n * 1000, "data_wait_s": 0.1,
+                 "compute_s": k / 100, "wall_s": wall, "train_loss": 1.0 / (e + 1),
+                 "test_acc": acc - 0.01 * (epochs - 1 - e), "loss_hist": loss_histogram(np.random.rand(k))})
+    (d / "summary.json").write_text("{}")
+    return d
+
+
+def test_report_table_and_plots(tmp_path: Path) -> None:
+    for s in range(3):
+        _fake_run(tmp_path / f"full-s{s}", "full", 1.0, s, 0.90 + 0.001 * s)
+        _fake_run(tmp_path / f"swdpp-s{s}", "swdpp", 0.7, s, 0.895)
+    res = report.write_report([str(tmp_path)], quiet=True)
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert rows["full"]["seeds"] == 3 and rows["swdpp"]["seeds"] == 3
+    assert rows["swdpp"]["time_ratio"] == pytest.approx(0.7)
+    assert rows["swdpp"]["bytes_ratio"] == pytest.approx(0.7)
+    assert rows["full"]["acc_mean"] == pytest.approx(0.901)
+    assert rows["swdpp"]["acc_delta"] == pytest.approx(-0.6, abs=1e-6)
+    out = res["out"]
+    assert (out / "report.md").exists() and (out / "runs.csv").exists()
+    names = sorted(p.name for p in res["files"])
+    assert names == ["toy-accuracy_vs_time.png", "toy-bytes_per_epoch.png", "toy-kept_fraction.png",
+                     "toy-score_distribution.png"]
+    for p in res["files"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "swdpp" in res["table"] and "0.70x" in res["table"]
+
+
+def test_report_cli_on_run_dirs(tmp_path: Path, capsys) -> None:
+    a = _fake_run(tmp_path / "a", "full", 1.0, 0, 0.9)
+    b = _fake_run(tmp_path / "b", "uniform", 0.5, 0, 0.85)
+    assert report.main([str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    assert "uniform" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "report.md").exists()
+
+
+def test_metrics_writer_resume_truncates(tmp_path: Path) -> None:
+    p = tmp_path / "m.jsonl"
+    w = MetricsWriter(p)
+    for e in range(4):
+        w.write({"epoch": e, "x": float("nan")})
+    MetricsWriter(p, resume_epoch=2)
+    recs = read_jsonl(p)
+    assert [r["epoch"] for r in recs] == [0, 1] and recs[0]["x"] is None

@@ -1,0 +1,298 @@
+"""Savings report: compare training runs (``metrics.jsonl`` + ``config.json`` per run directory).
+
+    python tools/report.py RUN_DIR [RUN_DIR ...] [--out REPORT_DIR]
+
+A RUN_DIR may also be a folder of runs (searched recursively for ``metrics.jsonl``). Runs are
+grouped by (dataset, policy, keep); seeds are aggregated (mean and sample std). Prints a
+markdown table -- final test accuracy, training wall time, samples/bytes/requests read,
+and the ratios versus the full-data run of the same dataset -- and writes ``report.md``,
+``runs.csv`` and PNG plots (accuracy vs wall time, bytes read per epoch, kept fraction per
+epoch, distribution of per-sample training losses) into REPORT_DIR.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainers.metrics import read_jsonl  # noqa: E402
+
+
+def find_runs(paths: Sequence[str]) -> list[Path]:
+    """Run directories under ``paths`` (a directory holding metrics.jsonl, or folders of them)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").exists():
+            out.append(p)
+        elif p.is_dir():
+            out.extend(sorted(m.parent for m in p.rglob("metrics.jsonl")))
+    seen, uniq = set(), []
+    for r in out:
+        if r.resolve() not in seen:
+            seen.add(r.resolve())
+            uniq.append(r)
+    return uniq
+
+
+def load_run(run: Path) -> dict[str, Any] | None:
+    """One run: config, per-epoch records and derived totals (None when it has no epoch yet)."""
+    recs = read_jsonl(run / "metrics.jsonl")
+    if not recs:
+        return None
+    cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
+    last = recs[-1]
+    accs = [r["test_acc"] for r in recs if r.get("test_acc") is not None]
+    policy = cfg.get("policy", last.get("policy", "?"))
+    keep = 1.0 if policy == "full" else float(cfg.get("keep", last.get("keep", 1.0)))
+
+    def tot(k: str) -> float | None:
+        vals = [r.get(k) for r in recs]
+        return float(sum(v for v in vals if v is not None)) if any(v is not None for v in vals) else None
+
+    return {
+        "run": str(run), "dataset": cfg.get("data_name", Path(str(cfg.get("data", "?"))).name),
+        "policy": policy, "keep": keep, "seed": cfg.get("seed", last.get("seed")),
+        "epochs_done": len(recs), "epochs": cfg.get("epochs", len(recs)),
+        "complete": (run / "summary.json").exists(), "records": recs,
+        "test_acc": accs[-1] if accs else None, "wall_s": float(last.get("wall_s", 0.0)),
+        "elapsed_s": last.get("elapsed_s"), "samples_read": tot("samples_read"), "bytes_read": tot("bytes_read"),
+        "requests": tot("requests"), "steps": tot("steps"), "kept": tot("kept"),
+        "data_wait_s": tot("data_wait_s"), "compute_s": tot("compute_s"),
+        "full_samples_epoch": last.get("full_samples"), "full_bytes_epoch": last.get("full_bytes"),
+    }
+
+
+def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Group runs by (dataset, policy, keep) and add ratios versus the dataset's full-data group."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["policy"], r["keep"])].append(r)
+    rows = []
+    for (dataset, policy, keep), rs in groups.items():
+        acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
+        wall_m, wall_s = _mean_std([r["wall_s"] for r in rs])
+        row = {"dataset": dataset, "policy": policy, "keep": keep, "seeds": len(rs),
+               "seed_list": sorted(r["seed"] for r in rs if r["seed"] is not None),
+               "epochs": max(r["epochs_done"] for r in rs), "complete": all(r["complete"] for r in rs),
+               "acc_mean": acc_m, "acc_std": acc_s, "wall_mean": wall_m, "wall_std": wall_s}
+        for k in ("samples_read", "bytes_read", "requests", "steps", "data_wait_s", "compute_s"):
+            row[k] = _mean_std([r[k] for r in rs])[0]
+        rows.append(row)
+    order = {"full": 0, "swdpp": 1, "uniform": 2, "infobatch": 3, "ucb": 4, "eps_greedy": 5}
+    rows.sort(key=lambda r: (r["dataset"], r["keep"] != 1.0 or r["policy"] != "full", r["keep"] * -1,
+                             order.get(r["policy"], 9)))
+    full = {r["dataset"]: r for r in rows if r["policy"] == "full"}
+    for r in rows:
+        f = full.get(r["dataset"])
+        for k, name in (("wall_mean", "time_ratio"), ("bytes_read", "bytes_ratio"), ("samples_read", "samples_ratio")):
+            r[name] = (r[k] / f[k]) if f and r.get(k) is not None and f.get(k) else None
+        r["acc_delta"] = (r["acc_mean"] - f["acc_mean"]) * 100 if f and r["acc_mean"] is not None and \
+            f["acc_mean"] is not None else None
+    return rows
+
+
+def _fmt(x: Any, spec: str = ".3f", none: str = "-") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return none
+    return format(x, spec)
+
+
+def _human(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of the aggregated rows."""
+    head = ("| dataset | policy | keep | seeds | epochs | test acc % (mean ± std) | Δ vs full (pts) | "
+            "train wall s | time vs full | samples read | bytes read | bytes vs full | requests |")
+    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    for r in rows:
+        acc = f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}" if r["acc_mean"] is not None else "-"
+        lines.append(
+            f"| {r['dataset']} | {r['policy']} | {r['keep']:g} | {r['seeds']} | {r['epochs']}{'' if r['complete'] else '*'} "
+            f"| {acc} | {_fmt(r['acc_delta'], '+.2f')} | {_fmt(r['wall_mean'], '.1f')} ± {_fmt(r['wall_std'], '.1f')} "
+            f"| {_fmt(r['time_ratio'], '.2f')}x | {_fmt(r['samples_read'], ',.0f')} | {_human(r['bytes_read'])} "
+            f"| {_fmt(r['bytes_ratio'], '.2f')}x | {_fmt(r['requests'], ',.0f')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- plots
+
+def _colors(runs: list[dict]) -> dict:
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["policy"], r["keep"]) for r in runs}, key=lambda k: (k[0] != "full", k))
+    cmap = plt.get_cmap("tab10")
+    return {k: cmap(i % 10) for i, k in enumerate(keys)}
+
+
+def plots(runs: list[dict], out: Path) -> list[Path]:
+    """Write the four PNG plots per dataset; return their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for dataset in sorted({r["dataset"] for r in runs}):
+        rs = [r for r in runs if r["dataset"] == dataset]
+        col = _colors(rs)
+        tag = dataset.replace("/", "_")
+
+        def label(r: dict, seen: set) -> str | None:
+            k = (r["policy"], r["keep"])
+            if k in seen:
+                return None
+            seen.add(k)
+            return f"{r['policy']} keep={r['keep']:g}"
+
+        # accuracy vs wall time
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        seen: set = set()
+        for r in rs:
+            pts = [(x["wall_s"], x["test_acc"] * 100) for x in r["records"] if x.get("test_acc") is not None]
+            if pts:
+                t, a = zip(*pts)
+                ax.plot(t, a, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
+        ax.set_xlabel("training wall time (s)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{dataset}: accuracy vs wall time")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / f"{tag}-accuracy_vs_time.png"))
+
+        # bytes read per epoch
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        seen = set()
+        for r in rs:
+            pts = [(x["epoch"], x["bytes_read"] / 1e6) for x in r["records"] if x.get("bytes_read") is not None]
+            if pts:
+                e, b = zip(*pts)
+                ax.plot(e, b, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
+        fb = rs[0].get("full_bytes_epoch")
+        if fb:
+            ax.axhline(fb / 1e6, ls="--", color="gray", lw=1, label="full dataset payload")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("MB read")
+        ax.set_title(f"{dataset}: bytes read per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / f"{tag}-bytes_per_epoch.png"))
+
+        # kept fraction per epoch
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        seen = set()
+        for r in rs:
+            pts = [(x["epoch"], x["kept"] / x["full_samples"]) for x in r["records"]
+                   if x.get("kept") is not None and x.get("full_samples")]
+            if pts:
+                e, k = zip(*pts)
+                ax.plot(e, k, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("kept fraction of the dataset")
+        ax.set_title(f"{dataset}: kept fraction per epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / f"{tag}-kept_fraction.png"))
+
+        # score (per-sample training loss) distribution at the last epoch, first seed of each group
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        seen = set()
+        for r in rs:
+            h = r["records"][-1].get("loss_hist")
+            k = (r["policy"], r["keep"])
+            if not h or k in seen or not h.get("n"):
+                continue
+            edges, counts = np.asarray(h["edges"]), np.asarray(h["counts"], dtype=float)
+            centers = (edges[:-1] + edges[1:]) / 2
+            ax.plot(centers, counts / max(1.0, counts.sum()), "-", color=col[k], label=label(r, seen))
+        ax.set_yscale("log")
+        ax.set_xlabel("per-sample training loss (last epoch)")
+        ax.set_ylabel("fraction of samples")
+        ax.set_title(f"{dataset}: score distribution")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, out / f"{tag}-score_distribution.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- CLI
+
+def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: bool = False) -> dict:
+    """Build the report for ``paths``; return {"rows", "runs", "table", "files"}."""
+    run_dirs = find_runs(paths)
+    runs = [r for r in (load_run(p) for p in run_dirs) if r is not None]
+    if not runs:
+        raise SystemExit(f"no runs with metrics.jsonl under {list(paths)}")
+    if out:
+        outp = Path(out)
+    elif len(paths) == 1 and not (Path(paths[0]) / "metrics.jsonl").exists():
+        outp = Path(paths[0]) / "report"
+    else:
+        outp = Path(run_dirs[0]).parent / "report"
+    outp.mkdir(parents=True, exist_ok=True)
+    rows = aggregate(runs)
+    tab = table(rows)
+    files = plots(runs, outp)
+    with open(outp / "runs.csv", "w", newline="") as f:
+        keys = ["dataset", "policy", "keep", "seed", "epochs_done", "complete", "test_acc", "wall_s", "elapsed_s",
+                "samples_read", "bytes_read", "requests", "steps", "kept", "data_wait_s", "compute_s", "run"]
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in runs:
+            w.writerow(r)
+    md = ["# Savings report", "",
+          "Final test accuracy (mean ± sample std over seeds), training wall time (data wait + compute,",
+          "evaluation excluded), totals read over the run, and ratios versus the full-data run of the same",
+          "dataset. `*` = some run of the group is incomplete.", "", tab, ""]
+    md += [f"![{p.stem}]({p.name})" for p in files]
+    (outp / "report.md").write_text("\n".join(md) + "\n")
+    (outp / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    if not quiet:
+        print(tab)
+        print(f"\nreport: {outp / 'report.md'} ({len(files)} plots)")
+    return {"rows": rows, "runs": runs, "table": tab, "files": files, "out": outp}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Compare training runs: accuracy, wall time, samples/bytes read, "
+                                            "savings versus the full-data run; writes report.md and PNG plots.")
+    p.add_argument("runs", nargs="+", help="run directories (or folders of them)")
+    p.add_argument("--out", default=None, help="report directory (default: <runs parent>/report)")
+    a = p.parse_args(argv)
+    write_report(a.runs, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
