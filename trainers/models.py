@@ -1,6 +1,6 @@
 """Image classification models for both ends of the scale.
 
-* ``tiny``     -- a small ResNet (~0.2M parameters) that trains CIFAR-10 / Fashion-MNIST to a
+* ``tiny``     -- a small ResNet (~80k parameters at width 16) that trains CIFAR-10 / Fashion-MNIST to a
   useful accuracy in minutes on 2 CPU cores;
 * ``resnet18`` -- torchvision ResNet-18, CIFAR variant (3x3 stem, stride 1, no max-pool);
 * ``resnet50`` -- torchvision ResNet-50 for ImageNet-style data.
@@ -37,16 +37,19 @@ class BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    """Small ResNet: stem + three stages (one basic block each) + global pool + linear.
+    """Small ResNet: 3x3 stem + three stages (one basic block each, stride 2) + global pool + linear.
 
-    ``width`` sets the channels of the first stage (doubled per stage).
+    ``width`` sets the channels of the first stage (doubled per stage). Every stage halves
+    the resolution (32 -> 16 -> 8 -> 4): ~2,400 img/s training on 2 CPU cores at width 16
+    (4x faster than a stride-1 first stage, measured in docs/results.md).
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16,
+                 strides: tuple[int, int, int] = (2, 2, 2)) -> None:
         super().__init__()
-        w = width
+        w, s = width, strides
         self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(BasicBlock(w, w, 1), BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 4 * w, 2))
+        self.layers = nn.Sequential(BasicBlock(w, w, s[0]), BasicBlock(w, 2 * w, s[1]), BasicBlock(2 * w, 4 * w, s[2]))
         self.head = nn.Linear(4 * w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,83 @@
+"""Run several pruning policies x seeds on one dataset, then write the savings report.
+
+    python tools/compare.py --data OUT --test-data OUT_TEST --keep 0.7 --seeds 0 1 2 \\
+        --policies full swdpp uniform infobatch --epochs 8 --runs runs/fmnist -- --batch-size 128
+
+Each run is ``python -m trainers.classify`` in its own process (sequentially, so wall times
+are comparable), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
+``summary.json``) are skipped, interrupted ones are resumed, so the command can be re-run
+after a kill. Arguments after ``--`` go to every training run. Runs are interleaved by seed
+(all policies of seed 0, then seed 1, ...) so a partial sweep still compares policies.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def run_dir(runs: Path, policy: str, keep: float, seed: int) -> Path:
+    return runs / f"{policy}-k{1.0 if policy == 'full' else keep:g}-s{seed}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description="Train full/swdpp/uniform/infobatch (or any policies) at the same keep "
+                                            "ratio for several seeds, then write the savings report.")
+    p.add_argument("--data", required=True, help="training dataset (tools/shard.py output)")
+    p.add_argument("--test-data", default=None, help="test dataset")
+    p.add_argument("--policies", nargs="+", default=["full", "swdpp", "uniform", "infobatch"])
+    p.add_argument("--keep", type=float, nargs="+", default=[0.7], help="keep ratio(s) for the pruning policies")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--runs", default="runs/compare", help="folder for the run directories and the report")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the training runs")
+    p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    a = p.parse_args(argv)
+
+    runs = Path(a.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for seed in a.seeds:
+        for policy in a.policies:
+            for keep in ([1.0] if policy == "full" else a.keep):
+                jobs.append((policy, keep, seed))
+    for n, (policy, keep, seed) in enumerate(jobs, 1):
+        d = run_dir(runs, policy, keep, seed)
+        if (d / "summary.json").exists():
+            print(f"[compare] {n}/{len(jobs)} {d.name}: done, skipped", flush=True)
+            continue
+        cmd = [a.python, "-m", "trainers.classify", "--data", a.data, "--policy", policy, "--keep", str(keep),
+               "--seed", str(seed), "--epochs", str(a.epochs), "--out", str(d), "--no-progress"]
+        if a.test_data:
+            cmd += ["--test-data", a.test_data]
+        if (d / "ckpt" / "last.pt").exists():
+            cmd.append("--resume")
+        cmd += extra
+        print(f"[compare] {n}/{len(jobs)} {' '.join(cmd)}", flush=True)
+        if a.dry_run:
+            continue
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        print(f"[compare] {d.name}: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
+        if rc != 0:
+            print(f"[compare] {d.name} failed; continuing", file=sys.stderr, flush=True)
+    if not a.dry_run:
+        from tools.report import write_report
+
+        write_report([str(runs)], runs / "report")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
