@@ -1,0 +1,104 @@
+"""DALI graph: parallel external_source(plan) -> decode -> augment, GPU or CPU-only.
+
+One long-lived pipeline serves every epoch.  Its batch-mode parallel ``external_source``
+callback (:class:`_Callback`) is stateless: given ``BatchInfo(iteration, epoch_idx)`` it
+reads table ``epoch-<epoch_idx>.npy`` that the loader published *before* the DALI epoch
+started (DALI's ``epoch_idx`` counts pipeline resets, so the loader keeps its own count
+in step), reads that batch's planned byte ranges with ``pread`` and returns encoded bytes,
+per-sample meta (ids, labels, flags, I/O counters) and the augmentation parameters drawn
+in :mod:`pipeline.augment`.  The callback raises ``StopIteration`` at and past the end
+(DALI prefetches past the end), and every batch is full: the last one is padded with a
+filler image flagged as padding (weight 0).
+
+With a GPU the images are decoded with ``device="mixed"`` and augmented on the GPU;
+without one the same graph runs with CPU operators (``device_id=None``).  Workers are
+forked by ``start_py_workers()`` before ``build()`` creates a CUDA context.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .augment import AugmentSpec
+
+
+class _Callback:
+    """Batch-mode external_source callback: stateless, picklable (spawn) and fork-safe."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __call__(self, info):
+        payload, meta, params = self.source.batch(info.epoch_idx, info.iteration)
+        anchor = [p[0:2].copy() for p in params]
+        shape = [p[2:4].copy() for p in params]
+        flip = [np.array(int(p[4]), dtype=np.int32) for p in params]
+        return payload, list(meta), anchor, shape, flip
+
+
+def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, layout_hw: bool):
+    """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU)."""
+    from nvidia.dali import fn, types
+
+    if spec.mode == "pad_crop":
+        images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False,
+                          normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    elif spec.mode == "rrc":
+        images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=True,
+                          normalized_shape=True, out_of_bounds_policy="trim_to_shape")
+        images = fn.resize(images, size=list(spec.out_size), antialias=True)
+    elif spec.mode == "resize_center":
+        images = fn.resize(images, resize_shorter=spec.resize_shorter, antialias=True)
+    kw = {}
+    if spec.mode == "resize_center" and spec.out_size:
+        kw["crop"] = list(spec.out_size)
+    if spec.flip:
+        kw["mirror"] = flip
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=list(spec.mean), std=list(spec.std), **kw)
+
+
+def build_pipeline(source, spec: AugmentSpec, batch_size: int, codec: str, channels: int,
+                   gpu: bool, device_id: int | None = 0, num_threads: int = 2,
+                   py_num_workers: int = 2, prefetch: int = 2, seed: int = 0,
+                   py_start_method: str = "fork"):
+    """Define the pipeline and start its Python workers (not yet built: no CUDA yet)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    pipe = Pipeline(batch_size=batch_size, num_threads=num_threads,
+                    device_id=device_id if gpu else None, seed=seed,
+                    py_num_workers=max(1, py_num_workers), py_start_method=py_start_method,
+                    prefetch_queue_depth=prefetch, exec_dynamic=True)
+    with pipe:
+        payload, meta, anchor, shape, flip = fn.external_source(
+            source=_Callback(source), num_outputs=5, batch=True, batch_info=True,
+            parallel=True, prefetch_queue_depth=prefetch,
+            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+        if codec in ("raw", "npy"):
+            images = payload.gpu() if gpu else payload  # already pixels: no decoding
+        else:
+            out_type = types.GRAY if channels == 1 else types.RGB
+            images = fn.decoders.image(payload, device="mixed" if gpu else "cpu",
+                                       output_type=out_type)
+        images = _augment_graph(images, anchor, shape, flip, spec, True)
+        pipe.set_outputs(images, meta)
+    pipe.start_py_workers()
+    return pipe
+
+
+def outputs_to_torch(outs, device):
+    """(images TensorList, meta TensorList) -> (float NCHW torch tensor on ``device``, meta numpy)."""
+    import torch
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    images, meta = outs
+    if isinstance(images, TensorListGPU):
+        t = images.as_tensor()
+        dst = torch.empty(t.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dst.device))
+    else:
+        dst = torch.from_numpy(np.array(images.as_array(), copy=True))
+        if str(device) != "cpu":
+            dst = dst.to(device, non_blocking=True)
+    return dst, np.array(meta.as_array(), copy=True)
