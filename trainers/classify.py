@@ -153,11 +153,15 @@ def _numeric(d: dict) -> dict:
     return {k: v for k, v in d.items() if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)}
 
 
+_NOT_SUMMED = ("epoch", "rank", "world_size", "resumed_at_step", "images_per_s")
+
+
 def _sum_ranks(d: dict, distributed: bool, device: torch.device) -> dict:
-    """Sum numeric fields over ranks (counters) -- seconds are summed too, callers divide if needed."""
+    """Sum counters over ranks (seconds are summed too); dataset totals and ratios stay per rank."""
     if not distributed or not d:
         return d
-    keys = sorted(_numeric(d))
+    keys = sorted(k for k in _numeric(d) if not (k in _NOT_SUMMED or k.startswith("dataset_") or
+                                                 k.endswith("_fraction")))
     t = torch.tensor([float(d[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     out = dict(d)
@@ -393,8 +397,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "samples_read": _stat(io_sum, "samples_read", "samples"),
                 "bytes_read": _stat(io_sum, "bytes_read", "bytes"),
                 "requests": _stat(io_sum, "requests_read", "requests"),
-                "full_samples": _stat(io, "full_samples", "samples_full", "dataset_samples", default=len(ds)),
-                "full_bytes": _stat(io, "full_bytes", "bytes_full", "dataset_bytes",
+                "full_samples": _stat(io, "dataset_samples", "full_samples", default=len(ds)),
+                "full_bytes": _stat(io, "dataset_payload", "full_bytes",
                                     default=int(np.asarray(ds.length, dtype=np.int64).sum())),
                 "data_wait_s": acc["data_wait_s"], "compute_s": acc["compute_s"], "epoch_s": epoch_s,
                 "wall_s": wall_s, "train_loss": counts["loss_sum"] / max(1, counts["n"]),

@@ -1,0 +1,156 @@
+"""Trainers: unit tests (models, schedule, checkpoints, optimizers) and an end-to-end run on a
+small real subset (Fashion-MNIST): convert, train two epochs with each policy, report written."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trainers import checkpoint
+from trainers.models import build_model
+from trainers.optim import build_optimizer
+from trainers.schedule import lr_factor_fn, make_scheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ---------------------------------------------------------------- units
+
+@pytest.mark.parametrize("name,shape", [("tiny", (1, 28, 28)), ("tiny", (3, 32, 32)), ("resnet18", (3, 32, 32))])
+def test_models_forward_and_seeded_init(name: str, shape: tuple) -> None:
+    before = torch.get_rng_state()
+    a = build_model(name, 10, shape[0], seed=3)
+    assert torch.equal(before, torch.get_rng_state()), "build_model must not touch the global RNG"
+    b = build_model(name, 10, shape[0], seed=3)
+    c = build_model(name, 10, shape[0], seed=4)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+    assert a.eval()(torch.randn(2, *shape)).shape == (2, 10)
+
+
+def test_resnet50_builds() -> None:
+    m = build_model("resnet50", 1000, 3)
+    assert m.fc.out_features == 1000
+
+
+def test_schedule_uses_known_steps_and_never_overflows() -> None:
+    steps = [10, 7, 7, 7, 10]  # pruned epochs shorter, full-data annealing epoch at the end
+    f = lr_factor_fn(steps, warmup_epochs=1)
+    vals = [f(i) for i in range(sum(steps))]
+    assert vals[0] == pytest.approx(0.1) and vals[9] == pytest.approx(1.0)
+    assert all(b <= a + 1e-12 for a, b in zip(vals[10:], vals[11:])), "cosine decays monotonically"
+    assert vals[-1] == pytest.approx(0.0, abs=1e-9)
+    assert f(sum(steps) + 5) == vals[-1], "stepping past the end clamps"
+    m = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    sch = make_scheduler(opt, steps)
+    for _ in range(sum(steps) + 3):
+        opt.step()
+        sch.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_checkpoint_roundtrip_weights_only(tmp_path: Path) -> None:
+    m = build_model("tiny", 10, 1)
+    opt = build_optimizer("sgd", m, 0.1)
+    state = {"model": m.state_dict(), "optimizer": opt.state_dict(),
+             "loader": {"ids": np.arange(7, dtype=np.int64), "p": np.linspace(0, 1, 5, dtype=np.float32),
+                        "u": np.array([1, 2], dtype=np.uint32), "epoch": np.int64(3), "name": "swdpp",
+                        "rng": np.random.default_rng(0).bit_generator.state, "nested": [np.zeros((2, 2))]}}
+    checkpoint.save(state, tmp_path / "c.pt")
+    raw = torch.load(tmp_path / "c.pt", weights_only=True)  # must not raise
+    assert "model" in raw
+    back = checkpoint.load(tmp_path / "c.pt")
+    ld = back["loader"]
+    assert ld["ids"].dtype == np.int64 and np.array_equal(ld["ids"], np.arange(7))
+    assert ld["u"].dtype == np.uint32 and ld["epoch"] == 3 and ld["name"] == "swdpp"
+    assert ld["rng"] == state["loader"]["rng"]
+    assert all(torch.equal(back["model"][k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_optimizers_reduce_loss(name: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 28, 28, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    m = build_model("tiny", 2, 1, width=8)
+    lr = {"sgd": 0.05, "lars": 1.0, "adamw": 3e-3}[name]
+    opt = build_optimizer(name, m, lr)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ---------------------------------------------------------------- end to end (real data)
+
+def _shard(src: Path, out: Path, split: str, limit: int) -> Path:
+    if not (out / "manifest.json").exists():
+        subprocess.run([sys.executable, str(ROOT / "tools" / "shard.py"), str(src), str(out), "--format", "wds",
+                        "--split", split, "--limit", str(limit)], check=True, cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fmnist_small(tmp_path_factory) -> tuple[Path, Path]:
+    if not FMNIST.exists():
+        pytest.skip("Debian dataset-fashion-mnist not installed")
+    pytest.importorskip("pipeline.loader")
+    d = tmp_path_factory.mktemp("fmnist-small")
+    return _shard(FMNIST, d / "train", "train", 3000), _shard(FMNIST, d / "test", "test", 1000)
+
+
+@pytest.fixture(scope="module")
+def e2e_runs(fmnist_small, tmp_path_factory) -> dict[str, Path]:
+    from trainers.classify import POLICIES, main
+
+    train, test = fmnist_small
+    runs = tmp_path_factory.mktemp("runs")
+    out = {}
+    for policy in POLICIES:
+        d = runs / policy
+        main(["--data", str(train), "--test-data", str(test), "--policy", policy, "--keep", "0.7",
+              "--epochs", "2", "--batch-size", "64", "--backend", "torch", "--device", "cpu", "--seed", "0",
+              "--warmup-epochs", "0.3", "--out", str(d), "--no-progress"])
+        out[policy] = d
+    return out
+
+
+@pytest.mark.parametrize("policy", ["full", "uniform", "infobatch", "ucb", "eps_greedy", "swdpp"])
+def test_e2e_policy_learns(e2e_runs: dict, policy: str) -> None:
+    d = e2e_runs[policy]
+    recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0, 1]
+    assert recs[1]["train_loss"] < recs[0]["train_loss"], "the loss decreases"
+    assert recs[-1]["test_acc"] > 0.5, "10 classes: chance is 0.1"
+    for r in recs:
+        assert r["steps"] > 0 and r["samples_read"] > 0 and r["bytes_read"] > 0
+        assert r["data_wait_s"] >= 0 and r["compute_s"] > 0
+    if policy != "full":
+        # a pruning policy reads less than the dataset in at least one epoch
+        assert min(r["samples_read"] for r in recs) < recs[0]["full_samples"]
+    assert (d / "summary.json").exists() and (d / "ckpt" / "last.pt").exists()
+    torch.load(d / "ckpt" / "last.pt", weights_only=True)
+
+
+def test_e2e_report_written(e2e_runs: dict, tmp_path: Path) -> None:
+    from tools.report import write_report
+
+    res = write_report([str(p) for p in e2e_runs.values()], tmp_path / "rep", quiet=True)
+    assert len(res["rows"]) == 6 and len(res["files"]) == 4
+    full = next(r for r in res["rows"] if r["policy"] == "full")
+    sw = next(r for r in res["rows"] if r["policy"] == "swdpp")
+    assert sw["samples_read"] < full["samples_read"]
+    assert (tmp_path / "rep" / "report.md").read_text().count("|") > 20
