@@ -16,24 +16,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 EPOCHS = 2
 BS = 50
 
 
-def _shard(out: Path, split: str, limit: int) -> Path:
-    subprocess.run([sys.executable, str(ROOT / "tools" / "shard.py"), str(FMNIST), str(out), "--format", "wds",
-                    "--split", split, "--limit", str(limit)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return out
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
-    if not FMNIST.exists():
-        pytest.skip("Debian dataset-fashion-mnist not installed")
+def data(fmnist_wds, fmnist_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(train: the shared 2000-sample Fashion-MNIST fixture, test: 300 test-split samples)."""
     pytest.importorskip("pipeline.loader")
-    d = tmp_path_factory.mktemp("fmnist-ddp")
-    return _shard(d / "train", "train", 1200), _shard(d / "test", "test", 300)
+    from pipeline.formats import convert
+
+    test = tmp_path_factory.mktemp("fmnist-ddp-test")
+    convert(fmnist_dir, test, format="wds", split="test", limit=300, progress=False)
+    return Path(fmnist_wds), test
 
 
 def _torchrun(data: tuple[Path, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -3,8 +3,6 @@ small real subset (Fashion-MNIST): convert, train two epochs with each policy, r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +14,6 @@ from trainers.models import build_model
 from trainers.optim import build_optimizer
 from trainers.schedule import lr_factor_fn, make_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 # ---------------------------------------------------------------- units
@@ -95,21 +91,15 @@ def test_optimizers_reduce_loss(name: str) -> None:
 
 # ---------------------------------------------------------------- end to end (real data)
 
-def _shard(src: Path, out: Path, split: str, limit: int) -> Path:
-    if not (out / "manifest.json").exists():
-        subprocess.run([sys.executable, str(ROOT / "tools" / "shard.py"), str(src), str(out), "--format", "wds",
-                        "--split", split, "--limit", str(limit)], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
-    return out
-
-
 @pytest.fixture(scope="module")
-def fmnist_small(tmp_path_factory) -> tuple[Path, Path]:
-    if not FMNIST.exists():
-        pytest.skip("Debian dataset-fashion-mnist not installed")
+def fmnist_small(fmnist_wds, fmnist_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """(train: the shared 2000-sample fixture, test: 1000 samples of the test split)."""
     pytest.importorskip("pipeline.loader")
-    d = tmp_path_factory.mktemp("fmnist-small")
-    return _shard(FMNIST, d / "train", "train", 3000), _shard(FMNIST, d / "test", "test", 1000)
+    from pipeline.formats import convert
+
+    test = tmp_path_factory.mktemp("fmnist-test")
+    convert(fmnist_dir, test, format="wds", split="test", limit=1000, progress=False)
+    return Path(fmnist_wds), test
 
 
 @pytest.fixture(scope="module")
