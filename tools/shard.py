@@ -1,0 +1,105 @@
+"""Convert an image dataset to indexed WebDataset shards or a Zarr v3 store, or verify one.
+
+    python tools/shard.py SRC OUT --format wds|zarr [--split train|test]
+        [--samples-per-shard N | --shard-bytes B] [--workers N] [--seed S] [--no-shuffle]
+        [--encode png|jpeg|npy --quality Q] [--resize HxW] [--limit N] [--name NAME]
+        [--source-type imagefolder|cifar|idx|npz] [--overwrite] [--strict]
+    python tools/shard.py --verify OUT
+
+SRC: an ImageFolder tree (SRC/<class>/<file>), CIFAR-10/100 python batches, MNIST-family
+IDX files, or an .npz with x/y. Formats and manifest: docs/formats.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a checkout
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("ib").rstrip("b") if text[-1:].lower() == "b" else text.lower()
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", nargs="?", help="source dataset (directory or .npz)")
+    p.add_argument("out", nargs="?", help="output directory")
+    p.add_argument("--verify", metavar="OUT", help="re-read every sample of OUT and check it")
+    p.add_argument("--format", choices=("wds", "zarr"), default="wds")
+    p.add_argument("--source-type", choices=("imagefolder", "cifar", "idx", "npz"))
+    p.add_argument("--split", help="train or test (IDX, CIFAR batches, SRC/<split>/ trees)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--samples-per-shard", type=int, metavar="N")
+    g.add_argument("--shard-bytes", type=_size, metavar="B",
+                   help="target shard size, e.g. 64M (default 64 MiB)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
+    p.add_argument("--encode", choices=("png", "jpeg", "npy"),
+                   help="re-encode images (default: encoded images byte for byte, arrays as PNG)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for --encode jpeg")
+    p.add_argument("--resize", metavar="HxW", help="resize every image to HxW (bicubic)")
+    p.add_argument("--limit", type=int, metavar="N", help="keep the first N samples after the shuffle")
+    p.add_argument("--name", help="shard name prefix (default 'shard')")
+    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in OUT")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.formats import ConvertError, SourceError, VerifyError, convert, verify
+    if args.verify:
+        try:
+            report = verify(args.verify, progress=not args.no_progress)
+        except VerifyError as e:
+            print(f"verify FAILED: {e}", file=sys.stderr)
+            return 1
+        print(f"verify OK: {report['num_samples']} samples in {report['num_files']} "
+              f"{report['format']} files, sizes, sha256, per-sample CRC32 and locations match")
+        return 0
+    if not args.src or not args.out:
+        build_parser().error("SRC and OUT are required (or --verify OUT)")
+    try:
+        s = convert(args.src, args.out, format=args.format, source_type=args.source_type,
+                    split=args.split, samples_per_shard=args.samples_per_shard,
+                    shard_bytes=args.shard_bytes, workers=args.workers, seed=args.seed,
+                    shuffle=not args.no_shuffle, encode=args.encode, quality=args.quality,
+                    resize=args.resize, overwrite=args.overwrite, strict=args.strict,
+                    limit=args.limit, name=args.name, progress=not args.no_progress)
+    except (ConvertError, SourceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if s["status"] == "already complete":
+        print(f"{s['out']}: already complete ({s['num_samples']} samples, {s['num_shards']} "
+              "shards); nothing to do")
+        return 0
+    print(f"\n{s['status']}: {s['out']} ({s['format']}, codec {s['codec']})")
+    print(f"  samples        {s['num_samples']:>12,}   skipped (unreadable) {s['skipped_samples']}")
+    print(f"  shards         {s['num_shards']:>12,}   written {s['shards_written']}, "
+          f"resumed {s['shards_skipped']}")
+    print(f"  payload        {_fmt_bytes(s['payload_bytes']):>12}")
+    print(f"  on disk        {_fmt_bytes(s['bytes_on_disk']):>12}   "
+          f"({s['disk_per_payload']:.2f} bytes per payload byte)")
+    print(f"  time           {s['seconds']:>11.2f}s   {s['images_per_s']:,.0f} images/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
