@@ -24,7 +24,7 @@ import numpy as np
 from .policies import Policy, PolicyOutput
 from .scores import Scores
 
-__all__ = ["Plan", "make_plan", "num_steps", "EpochPlanner", "select", "shard_order",
+__all__ = ["Plan", "make_plan", "num_steps", "EpochPlanner", "select", "sampling_order", "shard_order",
            "byte_order", "worker_batches", "rng_for"]
 
 STREAM_POLICY, STREAM_SELECT, STREAM_ORDER = 1, 2, 3
@@ -113,16 +113,46 @@ def _validate(p: np.ndarray) -> int:
     return k
 
 
-def select(p: np.ndarray, rng: np.random.Generator, *, buckets: int = 256) -> np.ndarray:
+_BLOCK = 1 << 16  # samples per block of the sampling order (p block of 512 KiB stays in cache)
+
+
+def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A fresh random order of 0..n-1 for systematic sampling, cheap at any n.
+
+    Small n: a uniform random permutation. Large n: blocks of 2^16 consecutive ids are
+    visited in random order, and inside a block the ids follow a random affine
+    permutation x -> (a*x + c) mod 2^16 (a odd): 3x faster than a full permutation
+    because every memory access stays inside one cached block. Any order gives exact
+    inclusion probabilities; the randomness only makes which samples are drawn
+    together change from epoch to epoch (the distance in the order between two ids
+    of a block is (y - x) / a mod 2^16, random per epoch).
+    """
+    b = _BLOCK
+    nb = n // b
+    if nb < 2:
+        return rng.permutation(n)
+    a = rng.integers(0, b // 2, nb) * 2 + 1
+    c = rng.integers(0, b, nb)
+    blocks = rng.permutation(nb)
+    idx = np.arange(b, dtype=np.int64)[None, :] * a[:, None]
+    idx += c[:, None]
+    idx &= b - 1
+    idx += (blocks * b)[:, None]
+    idx = idx.reshape(-1)
+    tail = n - nb * b
+    if tail:
+        at = int(rng.integers(0, nb + 1)) * b
+        idx = np.concatenate([idx[:at], nb * b + rng.permutation(tail), idx[at:]])
+    return idx
+
+
+def select(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Exactly K = sum(p) ids, sorted, each id i included with probability exactly p_i.
 
-    Systematic PPS: walk the samples in a random order, lay their p_i end to end on
-    [0, K) and take the points u + j (j = 0..K-1, u ~ U(0, 1)): sample i is taken iff a
-    point falls in its interval; an interval of length p_i <= 1 holds a point with
-    probability p_i and at most one. The random order (a fresh one every epoch) makes
-    which samples are drawn together random too. It is a Rao-Sandelius order: each sample
-    gets a random bucket and buckets are laid out one after the other (ids ascending
-    inside a bucket), which costs a radix sort instead of a full random permutation.
+    Systematic PPS: walk the samples in a random order (`sampling_order`), lay their
+    p_i end to end on [0, K) and take the points u + j (j = 0..K-1, u ~ U(0, 1)):
+    sample i is taken iff a point falls in its interval; an interval of length
+    p_i <= 1 holds a point with probability exactly p_i and never two.
     """
     k = _validate(p)
     n = p.size
@@ -130,7 +160,7 @@ def select(p: np.ndarray, rng: np.random.Generator, *, buckets: int = 256) -> np
         return np.arange(n, dtype=np.int64)
     if k == 0:
         return np.empty(0, np.int64)
-    order = np.argsort(rng.integers(0, buckets, n, dtype=np.uint8), kind="stable")
+    order = sampling_order(n, rng)
     c = np.take(p, order).astype(np.float64, copy=False)
     np.clip(c, 0.0, 1.0, out=c)
     np.cumsum(c, out=c)

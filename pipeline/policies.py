@@ -59,41 +59,42 @@ def _top_k(score: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.concatenate([above, tied[np.sort(pick)]])
 
 
-def capped_probabilities(w: np.ndarray, k: int, p_min: float) -> np.ndarray:
+def capped_probabilities(w: np.ndarray, k: int, p_min: float) -> tuple[np.ndarray, float]:
     """p_i = f + (1 - f) * min(1, c * w_i) with sum(p) = k exactly (up to rounding).
 
-    `f = min(p_min, k/N)` is the floor. c is found by the fixed point of the standard
-    capping iteration ("water-filling" from above): c = (k' - |U|) / sum_{i not in U} w_i,
-    U = {c w_i >= 1}; c grows monotonically and U only grows, so it terminates (typically
-    in < 10 passes). w must be >= 0 with at least one positive entry.
+    Returns (p float64, c). `f = min(p_min, k/N)` is the floor. c is the fixed point of
+    the standard capping iteration ("water-filling" from above): c = (k' - |U|) /
+    sum_{i not in U} w_i with U = {c w_i >= 1} and k' = (k - N f) / (1 - f); c grows
+    monotonically and U only grows, so it terminates (typically in < 10 passes, each a
+    single compare over w). w must be >= 0 (float32 is fine: sums are taken in float64).
     """
     n = w.size
     f = min(p_min, k / n)
     kk = (k - n * f) / (1.0 - f) if f < 1.0 else 0.0   # mass to place above the floor
     if kk <= 1e-12 * n:
-        return np.full(n, k / n)
-    w = w.astype(np.float64, copy=False)
+        return np.full(n, k / n), 0.0
     # A tiny positive floor on w keeps the problem solvable when fewer than k' samples
     # have w > 0 (e.g. many perfectly learned samples with loss 0).
     pos = int(np.count_nonzero(w > 0))
     if pos < kk + 1:
-        w = w + 1e-9 * (w.max() if pos else 1.0)
-    capped = np.zeros(n, bool)
-    n_cap = 0
-    rest = float(w.sum())
+        w = w + np.float32(1e-6) * (w.max() if pos else np.float32(1.0))
+    total = float(np.sum(w, dtype=np.float64))
+    n_cap, rest = 0, total
     for _ in range(200):
         c = (kk - n_cap) / rest
-        capped = w * c >= 1.0
+        capped = w >= 1.0 / c
         m = int(np.count_nonzero(capped))
         if m == n_cap:
             break
         n_cap = m
-        rest = float(w[~capped].sum())
+        rest = total - float(np.sum(w[capped], dtype=np.float64))
     else:  # pragma: no cover - would need an adversarial w
         raise RuntimeError("capped_probabilities did not converge")
-    q = np.minimum(1.0, w * c)
-    p = f + (1.0 - f) * q
-    return p
+    p = np.multiply(w, c, dtype=np.float64)
+    np.minimum(p, 1.0, out=p)
+    p *= 1.0 - f
+    p += f
+    return p, c
 
 
 class Policy:
@@ -301,35 +302,46 @@ class SwDPPPolicy(Policy):
         return self.epochs is not None and epoch >= self.epochs - self.anneal
 
     def sample_scores(self, scores: Scores) -> np.ndarray:
-        """s_i >= 0 (float64): optimistic for never-seen samples."""
+        """s_i >= 0 (float32): optimistic (the largest seen score) for never-seen samples."""
         seen = scores.seen
-        s = scores.ema.astype(np.float64)
-        if self.std_coef:
-            s += self.std_coef * np.sqrt(scores.var, dtype=np.float64)
-        if not seen.any():
-            return np.ones(s.size)
-        lo = s[seen].min()
+        s = np.sqrt(scores.var)
+        s *= np.float32(self.std_coef)
+        s += scores.ema
+        all_seen = bool(seen.all())
+        if not all_seen and not seen.any():
+            return np.ones(s.size, np.float32)
+        lo = s.min() if all_seen else s[seen].min()
         if lo < 0:          # losses are normally >= 0; shift otherwise so powers are defined
             s -= lo
-        s[~seen] = s[seen].max()
+        if not all_seen:
+            s[~seen] = s[seen].max()
         return s
 
     def _select(self, scores, epoch, rng, k):
         n = len(scores)
-        s = self.sample_scores(scores)
-        top = s.max()
-        w = (s / top) ** (1.0 / self.temperature) if top > 0 else np.ones(n)
-        p = capped_probabilities(w, k, self.p_min)
-        f = min(self.p_min, k / n)
-        weight = (k / n) / p
-        if self.max_weight is not None:
-            np.minimum(weight, self.max_weight, out=weight)
-        if f < 1.0:
-            mix = self.mixup * (1.0 - k / n) * (1.0 - p) / (1.0 - f)
+        w = self.sample_scores(scores)
+        top = w.max()
+        if top > 0:
+            w /= top
+            if self.temperature != 1.0:
+                w **= np.float32(1.0 / self.temperature)
         else:
-            mix = np.zeros(n)
-        info = {"p_floor": f, "p_max": float(p.max()), "weight_max": float(weight.max())}
-        return PolicyOutput(p, weight.astype(np.float32), np.clip(mix, 0, 1).astype(np.float32), info=info)
+            w[:] = 1.0
+        p, c = capped_probabilities(w, k, self.p_min)
+        del w
+        f = min(self.p_min, k / n)
+        weight = np.empty(n, np.float32)
+        np.divide(k / n, p, out=weight, casting="same_kind")
+        if self.max_weight is not None:
+            np.minimum(weight, np.float32(self.max_weight), out=weight)
+        mix = np.zeros(n, np.float32)
+        if f < 1.0 and self.mixup > 0:
+            # m_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f), in [0, mixup * (1 - K/N)]
+            np.subtract(1.0, p, out=mix, casting="same_kind")
+            mix *= np.float32(self.mixup * (1.0 - k / n) / (1.0 - f))
+            np.clip(mix, 0.0, 1.0, out=mix)
+        info = {"p_floor": f, "scale_c": c}
+        return PolicyOutput(p, weight, mix, info=info)
 
 
 POLICIES: dict[str, Callable[..., Policy]] = {
