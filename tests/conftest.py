@@ -19,6 +19,8 @@ pipeline.open_dataset(path)); each fixture returns the output directory (Path):
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -48,8 +50,11 @@ def cifar_jpeg_root(shared_data, tmp_path_factory) -> Path:
     if not archive.exists():
         pytest.skip(f"{archive} is absent: CIFAR-10 JPEG tests need it")
     dest = tmp_path_factory.mktemp("cifar10-jpeg-extract")
-    with tarfile.open(archive) as tf:
-        tf.extractall(dest, filter="data")
+    if shutil.which("tar"):         # GNU tar is several times faster than tarfile here
+        subprocess.run(["tar", "-xzf", str(archive), "-C", str(dest)], check=True)
+    else:
+        with tarfile.open(archive) as tf:
+            tf.extractall(dest, filter="data")
     root = dest / "cifar10-jpeg"
     if not (root / "train").is_dir():
         pytest.skip(f"{archive} does not contain cifar10-jpeg/train")

@@ -44,11 +44,15 @@ def write_shard(out: str, k: int, start: int, pixels: np.ndarray, samples_per_sh
     """Write rows ``start:start+len(pixels)`` (= shard ``k``) with zarr; return
     (relpath, offsets, lengths, file size, sha256) read back from the shard index."""
     import zarr
+    rel = shard_relpath(k)
+    # A leftover shard (from an interrupted or damaged run) would be read back and merged by
+    # zarr, failing on its checksum: this shard is rewritten from scratch.
+    if os.path.exists(os.path.join(out, rel)):
+        os.unlink(os.path.join(out, rel))
     # write_empty_chunks is a run-time setting, not stored in the metadata: pass it here too
     arr = zarr.open_array(os.path.join(out, GROUP, IMAGES), mode="r+").with_config(
         {"write_empty_chunks": True})
     arr[start:start + len(pixels)] = pixels          # zarr writes the shard atomically
-    rel = shard_relpath(k)
     with open(os.path.join(out, rel), "rb") as f:
         data = f.read()
     offsets, nbytes = parse_shard_index(data, samples_per_shard, rel)
