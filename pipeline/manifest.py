@@ -127,15 +127,17 @@ class Dataset:
         path = self.files[int(self.file[i])]
         off, n = int(self.offset[i]), int(self.length[i])
         if self.is_remote:
-            return self._filesystem().cat_file(path, start=off, end=off + n)
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            data = os.pread(fd, n, off)
-        finally:
-            os.close(fd)
+            data = self._filesystem().cat_file(path, start=off, end=off + n)
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, n, off)
+            finally:
+                os.close(fd)
         if len(data) != n:
-            raise ManifestError(f"{path}: short read of sample {i} ({len(data)} of {n} bytes "
-                                f"at offset {off}): file truncated?")
+            raise ManifestError(f"{path}: read {len(data)} bytes for sample {i}, expected {n} "
+                                f"at offset {off} (file truncated, or a server without range "
+                                "requests?)")
         return data
 
     def check_files(self, verify_checksum: bool = False) -> None:
