@@ -283,6 +283,12 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
         sort_keys=True).encode()).hexdigest()
     status = _prepare_out(out, fingerprint, overwrite)
     if status == "done":
+        from ..manifest import ManifestError, open_dataset
+        try:
+            open_dataset(out).check_files()     # sizes only: cheap; --verify does checksums
+        except ManifestError as e:
+            raise ConvertError(f"{out} holds this dataset, complete, but damaged ({e}): "
+                               "re-run with --overwrite to convert again") from e
         header = json.loads((out / HEADER_NAME).read_text())
         return {"out": str(out), "status": "already complete", "format": format,
                 "num_samples": header["num_samples"], "num_shards": len(header["files"]),
