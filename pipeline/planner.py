@@ -50,7 +50,7 @@ class Plan:
     weights: np.ndarray
     mixup: np.ndarray
     seed: int = 0
-    window: int = 4
+    window: int = 8
     _digest: str | None = field(default=None, repr=False)
 
     @property
@@ -131,10 +131,13 @@ def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
     nb = n // b
     if nb < 2:
         return rng.permutation(n)
-    a = rng.integers(0, b // 2, nb) * 2 + 1
-    c = rng.integers(0, b, nb)
-    blocks = rng.permutation(nb)
-    idx = np.arange(b, dtype=np.int64)[None, :] * a[:, None]
+    # int32 when ids fit: half the memory traffic of int64. a*x may wrap mod 2^32, which
+    # leaves the low 16 bits (all that "& (b - 1)" keeps) exact.
+    dt = np.int32 if n < 2**31 else np.int64
+    a = (rng.integers(0, b // 2, nb) * 2 + 1).astype(dt)
+    c = rng.integers(0, b, nb).astype(dt)
+    blocks = rng.permutation(nb).astype(dt)
+    idx = np.arange(b, dtype=dt)[None, :] * a[:, None]
     idx += c[:, None]
     idx &= b - 1
     idx += (blocks * b)[:, None]
@@ -142,7 +145,7 @@ def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
     tail = n - nb * b
     if tail:
         at = int(rng.integers(0, nb + 1)) * b
-        idx = np.concatenate([idx[:at], nb * b + rng.permutation(tail), idx[at:]])
+        idx = np.concatenate([idx[:at], (nb * b + rng.permutation(tail)).astype(dt), idx[at:]])
     return idx
 
 
@@ -240,7 +243,7 @@ def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, win
 
 # -- 3. plan -------------------------------------------------------------------------------
 def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, offset: np.ndarray,
-              world_size: int = 1, window: int = 4, pad: bool = True,
+              world_size: int = 1, window: int = 8, pad: bool = True,
               order: np.ndarray | None | str = "auto") -> Plan:
     """The epoch plan for a policy output (see the module docstring).
 
@@ -291,7 +294,7 @@ class EpochPlanner:
     """
 
     def __init__(self, policy: Policy, scores: Scores, file: np.ndarray, offset: np.ndarray, seed: int,
-                 world_size: int = 1, window: int = 4, pad: bool = True) -> None:
+                 world_size: int = 1, window: int = 8, pad: bool = True) -> None:
         if len(file) != len(scores) or len(offset) != len(scores):
             raise ValueError(f"manifest has {len(file)} rows but scores has {len(scores)} samples")
         self.policy, self.scores = policy, scores
