@@ -113,40 +113,56 @@ def _validate(p: np.ndarray) -> int:
     return k
 
 
-_BLOCK = 1 << 16  # samples per block of the sampling order (p block of 512 KiB stays in cache)
+_BLOCK = 1 << 16   # samples per block of the sampling order (p block of 512 KiB stays in cache)
+_CHUNK_BLOCKS = 32  # blocks processed at once: small, reused work buffers instead of O(N) ones
 
 
-def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A fresh random order of 0..n-1 for systematic sampling, cheap at any n.
-
-    Small n: a uniform random permutation. Large n: blocks of 2^16 consecutive ids are
-    visited in random order, and inside a block the ids follow a random affine
-    permutation x -> (a*x + c) mod 2^16 (a odd): 3x faster than a full permutation
-    because every memory access stays inside one cached block. Any order gives exact
-    inclusion probabilities; the randomness only makes which samples are drawn
-    together change from epoch to epoch (the distance in the order between two ids
-    of a block is (y - x) / a mod 2^16, random per epoch).
-    """
+def _order_chunks(n: int, rng: np.random.Generator):
+    """Yield the random sampling order of 0..n-1 in chunks (see `sampling_order`)."""
     b = _BLOCK
     nb = n // b
     if nb < 2:
-        return rng.permutation(n)
+        yield rng.permutation(n)
+        return
     # int32 when ids fit: half the memory traffic of int64. a*x may wrap mod 2^32, which
     # leaves the low 16 bits (all that "& (b - 1)" keeps) exact.
     dt = np.int32 if n < 2**31 else np.int64
     a = (rng.integers(0, b // 2, nb) * 2 + 1).astype(dt)
     c = rng.integers(0, b, nb).astype(dt)
     blocks = rng.permutation(nb).astype(dt)
-    idx = np.arange(b, dtype=dt)[None, :] * a[:, None]
-    idx += c[:, None]
-    idx &= b - 1
-    idx += (blocks * b)[:, None]
-    idx = idx.reshape(-1)
     tail = n - nb * b
-    if tail:
-        at = int(rng.integers(0, nb + 1)) * b
-        idx = np.concatenate([idx[:at], (nb * b + rng.permutation(tail)).astype(dt), idx[at:]])
-    return idx
+    at = int(rng.integers(0, nb + 1)) if tail else -1     # tail's place among the blocks
+    tail_perm = (nb * b + rng.permutation(tail)).astype(dt) if tail else None
+    x = np.arange(b, dtype=dt)
+    for lo in range(0, nb, _CHUNK_BLOCKS):
+        hi = min(lo + _CHUNK_BLOCKS, nb)
+        cuts = [(lo, at), None, (at, hi)] if lo <= at < hi else [(lo, hi)]
+        for cut in cuts:
+            if cut is None:                          # the tail goes before block `at`
+                yield tail_perm
+            elif cut[0] < cut[1]:
+                i, j = cut
+                idx = x[None, :] * a[i:j, None]
+                idx += c[i:j, None]
+                idx &= b - 1
+                idx += (blocks[i:j] * b)[:, None]
+                yield idx.reshape(-1)
+    if at == nb:                                     # ... or after the last block
+        yield tail_perm
+
+
+def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A fresh random order of 0..n-1 for systematic sampling, cheap at any n.
+
+    Small n (< 2^17): a uniform random permutation. Large n: blocks of 2^16 consecutive
+    ids are visited in random order, and inside a block the ids follow a random affine
+    permutation x -> (a*x + c) mod 2^16 (a odd): much cheaper than a full permutation
+    because every memory access stays inside one cached block, and it can be produced
+    chunk by chunk. Any order gives exact inclusion probabilities; the randomness only
+    makes which samples are drawn together change from epoch to epoch (the distance in
+    the order between two ids of a block is (y - x) / a mod 2^16, random per epoch).
+    """
+    return np.concatenate(list(_order_chunks(n, rng)))
 
 
 def select(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -155,7 +171,8 @@ def select(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     Systematic PPS: walk the samples in a random order (`sampling_order`), lay their
     p_i end to end on [0, K) and take the points u + j (j = 0..K-1, u ~ U(0, 1)):
     sample i is taken iff a point falls in its interval; an interval of length
-    p_i <= 1 holds a point with probability exactly p_i and never two.
+    p_i <= 1 holds a point with probability exactly p_i and never two. Runs chunk by
+    chunk with a carried cumulative sum, so its work memory is O(chunk), not O(N).
     """
     k = _validate(p)
     n = p.size
@@ -163,22 +180,32 @@ def select(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return np.arange(n, dtype=np.int64)
     if k == 0:
         return np.empty(0, np.int64)
-    order = sampling_order(n, rng)
-    c = np.take(p, order).astype(np.float64, copy=False)
-    np.clip(c, 0.0, 1.0, out=c)
-    np.cumsum(c, out=c)
-    c *= k / c[-1]                      # exact total K despite float rounding
-    c[-1] = k
-    u = rng.random()
+    total = float(np.sum(p, dtype=np.float64))
+    scale = k / total                   # the cumulative sum then ends at K (forced below)
+    u = rng.random()                    # drawn before the order (fixed stream layout)
     if u == 0.0:
         u = 0.5
-    c -= u
-    np.ceil(c, out=c)                   # number of points u + j below each right end
-    hit = np.empty(n, bool)
-    hit[0] = c[0] > 0
-    np.greater(c[1:], c[:-1], out=hit[1:])
     mask = np.zeros(n, bool)
-    mask[order[hit]] = True
+    carry = 0.0                         # running sum of p before this chunk
+    prev = 0.0                          # ceil(scaled cumsum - u) at the end of the last chunk
+    done = 0
+    for idx in _order_chunks(n, rng):
+        cs = np.take(p, idx).astype(np.float64, copy=False)
+        np.clip(cs, 0.0, 1.0, out=cs)
+        np.cumsum(cs, out=cs)
+        cs += carry
+        carry = float(cs[-1])
+        cs *= scale
+        done += idx.size
+        if done == n:
+            cs[-1] = k                  # exact total K despite float rounding
+        cs -= u
+        np.ceil(cs, out=cs)             # number of points u + j below each right end
+        hit = np.empty(cs.size, bool)
+        hit[0] = cs[0] > prev
+        np.greater(cs[1:], cs[:-1], out=hit[1:])
+        prev = float(cs[-1])
+        mask[idx[hit]] = True
     ids = np.flatnonzero(mask)
     if ids.size != k:  # only reachable through float rounding of an interval > 1
         raise RuntimeError(f"systematic sampling drew {ids.size} samples instead of {k}")
@@ -200,8 +227,9 @@ def byte_order(file: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
     return np.lexsort((offset, file))
 
 
-def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, window: int) -> np.ndarray:
-    """Reorder ids (sorted in byte order) shard-aware; returns the reordered ids.
+def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, window: int,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Reorder ids (given in byte order) shard-aware, into `out` (allocated if None).
 
     Shards are visited in a random order, `window` at a time; inside a window the
     samples of its shards are interleaved uniformly at random (shuffle the multiset of
@@ -211,34 +239,34 @@ def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, win
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
     k = ids.size
+    if out is None:
+        out = np.empty(k, ids.dtype)
     if k == 0:
-        return ids
-    f = np.take(file, ids).astype(np.int64, copy=False)
-    n_files = int(f[-1]) + 1 if np.all(f[1:] >= f[:-1]) else int(f.max()) + 1
-    counts = np.bincount(f, minlength=n_files)
-    starts = np.cumsum(counts) - counts
+        return out
+    f = np.take(file, ids)                    # non-decreasing: ids are in byte order
+    n_files = int(f[-1]) + 1
+    bounds = np.searchsorted(f, np.arange(n_files + 1))
+    del f
+    starts, counts = bounds[:-1], np.diff(bounds)
     visit = rng.permutation(n_files)
     visit = visit[counts[visit] > 0]          # shards with selected samples, in visit order
-    lens = counts[visit]
-    new_starts = np.cumsum(lens) - lens
-    # gather the shard segments in visit order (no sort: segments are contiguous)
-    src = np.repeat(starts[visit] - new_starts, lens) + np.arange(k)
-    out = ids[src]
-    if window == 1 or visit.size == 1:
-        return out
-    # per window: random interleave of its shards, each kept in byte order
-    g_bounds = np.append(new_starts[::window], k)
-    local = np.repeat(np.arange(visit.size) % window, lens).astype(np.uint8 if window < 256 else np.int32)
-    res = np.empty_like(out)
-    for a, b in zip(g_bounds[:-1], g_bounds[1:]):
-        lab = local[a:b]
-        rng.shuffle(lab)
-        # stable sort of the labels (radix for uint8): its j-th entry is the position of
-        # the j-th sample of the window's concatenated (label-ordered) segments
-        pos = np.argsort(lab, kind="stable")
-        seg = res[a:b]
-        seg[pos] = out[a:b]
-    return res
+    pos = 0
+    for g in range(0, visit.size, window):
+        group = visit[g:g + window]
+        lens = counts[group]
+        m = int(lens.sum())
+        dst = out[pos:pos + m]
+        if group.size == 1:
+            dst[:] = ids[starts[group[0]]:starts[group[0]] + m]
+        else:
+            seg = np.concatenate([ids[starts[s]:starts[s] + n] for s, n in zip(group, lens)])
+            lab = np.repeat(np.arange(group.size, dtype=np.uint8 if window < 256 else np.int32), lens)
+            rng.shuffle(lab)
+            # stable sort of the labels (radix for uint8): its j-th entry is the position
+            # of the j-th sample of the window's concatenated (label-ordered) segments
+            dst[np.argsort(lab, kind="stable")] = seg
+        pos += m
+    return out
 
 
 # -- 3. plan -------------------------------------------------------------------------------
@@ -271,17 +299,17 @@ def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, off
         inv[order] = np.arange(n)
         inv_mask[inv[ids]] = True
         ids = order[np.flatnonzero(inv_mask)]
-    ids = shard_order(ids, file, rng_for(seed, epoch, STREAM_ORDER), window)
-
     per_rank = -(-k // world_size) if pad else k // world_size
     total = per_rank * world_size
-    flat_ids = np.full(total, -1, np.int64)
+    flat_ids = np.full(max(total, k), -1, np.int64)
+    shard_order(ids, file, rng_for(seed, epoch, STREAM_ORDER), window, out=flat_ids[:k])
+    del ids
+    flat_ids = flat_ids[:total]               # pad=False: drop the remainder
     flat_w = np.zeros(total, np.float32)
     flat_m = np.zeros(total, np.float32)
     m = min(k, total)
-    flat_ids[:m] = ids[:m]
-    flat_w[:m] = np.take(out.weight, ids[:m])
-    flat_m[:m] = np.take(out.mixup, ids[:m])
+    np.take(out.weight, flat_ids[:m], out=flat_w[:m])
+    np.take(out.mixup, flat_ids[:m], out=flat_m[:m])
     shape = (world_size, per_rank)
     return Plan(int(epoch), int(k), flat_ids.reshape(shape), flat_w.reshape(shape), flat_m.reshape(shape),
                 seed=int(seed), window=int(window))

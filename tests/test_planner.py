@@ -104,6 +104,16 @@ def test_inclusion_frequencies_match_p_blocked_order():
         assert counts[sel].sum() / (runs * p[sel].sum()) == pytest.approx(1, abs=0.01)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 32])
+def test_sampling_order_is_a_permutation_wherever_the_tail_lands(monkeypatch, chunk):
+    import pipeline.planner as planner
+    monkeypatch.setattr(planner, "_CHUNK_BLOCKS", chunk)
+    for n in (4 * 65536, 4 * 65536 + 777):
+        for seed in range(12):                     # the tail's position is random in 0..4
+            order = sampling_order(n, np.random.default_rng(seed))
+            assert order.size == n and np.unique(order).size == n and order.max() == n - 1
+
+
 def test_hard_selection_takes_exactly_the_chosen_ids():
     file, offset = manifest([50] * 4)
     p = np.zeros(200)
