@@ -289,7 +289,8 @@ def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, off
     sel_rng = rng_for(seed, epoch, STREAM_SELECT)
     if out.hard:
         ids = np.flatnonzero(p >= 0.5)
-        _validate(p)
+        if ids.size != _validate(p) or np.count_nonzero((p > 0) & (p < 1)):
+            raise ValueError("a hard policy output must hold only 0 and 1 probabilities")
     else:
         ids = select(p, sel_rng)
     k = ids.size

@@ -24,7 +24,10 @@ _STATE_VERSION = 1
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     """numpy view/copy of a numpy array, torch tensor (any device) or sequence."""
     if type(x).__module__.startswith("torch"):
-        x = x.detach().to("cpu").numpy()
+        x = x.detach()
+        if x.is_floating_point() and x.dtype.itemsize < 4:
+            x = x.float()                # bfloat16/float16 (autocast losses): numpy lacks bf16
+        x = x.to("cpu").numpy()
     return np.asarray(x)
 
 

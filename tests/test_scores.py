@@ -59,8 +59,9 @@ def test_nonfinite_losses_are_ignored_and_counted_padding_is_skipped():
 def test_torch_inputs_are_accepted():
     s = Scores(4)
     s.update(torch.tensor([3, 1]), torch.tensor([0.5, 1.5], requires_grad=True))
+    s.update(torch.tensor([2]), torch.tensor([2.5], dtype=torch.bfloat16))   # autocast losses
     s.sync()
-    assert s.ema[3] == pytest.approx(0.5) and s.ema[1] == pytest.approx(1.5)
+    assert s.ema[3] == pytest.approx(0.5) and s.ema[1] == pytest.approx(1.5) and s.ema[2] == 2.5
 
 
 @pytest.mark.parametrize("ids, losses, msg", [
