@@ -16,7 +16,6 @@ below; global RNGs are never touched.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
