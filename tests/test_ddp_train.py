@@ -34,7 +34,7 @@ def data(fmnist_wds, fmnist_dir, tmp_path_factory) -> tuple[Path, Path]:
 def _torchrun(data: tuple[Path, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:
     train, test = data
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "trainers.classify", "--data", str(train), "--test-data", str(test), "--policy", "swdpp",
            "--keep", "0.7", "--epochs", str(EPOCHS), "--batch-size", str(BS), "--backend", "torch",
            "--device", "cpu", "--workers", "0", "--threads", "1", "--seed", "1", "--log-ids", "--no-progress",

@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     last_eval: dict = {}
     try:
         for epoch in range(start_epoch, args.epochs):
-            acc = dict(loss_sum=0.0, n=0, steps=0, data_wait_s=0.0, compute_s=0.0, losses=[])
+            acc = dict(loss_sum=0.0, n=0, steps=0, data_wait_s=0.0, compute_s=0.0, prior_s=0.0, losses=[])
             if resumed_mid:
                 acc.update({k: partial[k] for k in acc if k in partial})
                 acc["losses"] = [np.asarray(partial.get("losses", np.zeros(0, np.float32)), np.float32)]
@@ -375,9 +375,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     break
             if bar is not None:
                 bar.close()
-            epoch_s = time.perf_counter() - t_epoch
-            wall_s += epoch_s
+            segment_s = time.perf_counter() - t_epoch
+            wall_s += segment_s
+            epoch_s = acc["prior_s"] + segment_s  # a resumed epoch counts its time before the stop too
             if stopped:
+                acc["prior_s"] = epoch_s
                 _save(ck_dir, rank, world_size, raw_model, opt, sched, loader, epoch, step_in_epoch, global_step,
                       wall_s, partial=dict(acc, losses=np.concatenate(acc["losses"]) if acc["losses"] else
                                            np.zeros(0, np.float32)))
