@@ -24,11 +24,14 @@ from .augment import AugmentSpec
 class _Callback:
     """Batch-mode external_source callback: stateless, picklable (spawn) and fork-safe."""
 
-    def __init__(self, source):
+    def __init__(self, source, with_params: bool = True):
         self.source = source
+        self.with_params = with_params
 
     def __call__(self, info):
         payload, meta, params = self.source.batch(info.epoch_idx, info.iteration)
+        if not self.with_params:
+            return payload, list(meta)
         anchor = [p[0:2].copy() for p in params]
         shape = [p[2:4].copy() for p in params]
         flip = [np.array(int(p[4]), dtype=np.int32) for p in params]
@@ -70,10 +73,15 @@ def build_pipeline(source, spec: AugmentSpec, batch_size: int, codec: str, chann
                     py_num_workers=max(1, py_num_workers), py_start_method=py_start_method,
                     prefetch_queue_depth=prefetch, exec_dynamic=True)
     with pipe:
-        payload, meta, anchor, shape, flip = fn.external_source(
-            source=_Callback(source), num_outputs=5, batch=True, batch_info=True,
-            parallel=True, prefetch_queue_depth=prefetch,
-            dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32])
+        with_params = spec.mode in ("pad_crop", "rrc") or spec.flip
+        dtypes = [types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32]
+        n_out = 5 if with_params else 2
+        outs = fn.external_source(
+            source=_Callback(source, with_params), num_outputs=n_out, batch=True,
+            batch_info=True, parallel=True, prefetch_queue_depth=prefetch,
+            dtype=dtypes[:n_out])
+        payload, meta = outs[0], outs[1]
+        anchor, shape, flip = outs[2:] if with_params else (None, None, None)
         if codec in ("raw", "npy"):
             images = payload.gpu() if gpu else payload  # already pixels: no decoding
         else:
@@ -102,3 +110,16 @@ def outputs_to_torch(outs, device):
         if str(device) != "cpu":
             dst = dst.to(device, non_blocking=True)
     return dst, np.array(meta.as_array(), copy=True)
+
+
+def close_pipeline(pipe) -> None:
+    """Shut a pipeline down and stop its Python workers now (not whenever it is collected:
+    a pipeline killed by an error can stay referenced and its workers would linger)."""
+    if pipe is None:
+        return
+    pool = getattr(pipe, "_py_pool", None)
+    try:
+        pipe._shutdown()
+    finally:
+        if pool is not None:
+            pool.close()

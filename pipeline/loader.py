@@ -453,10 +453,9 @@ class Loader:
             self._replace_pipeline()
 
     def _replace_pipeline(self) -> None:
-        try:
-            del self._pipe
-        except AttributeError:
-            pass
+        from .dali_pipeline import close_pipeline
+        old, self._pipe = self._pipe, None
+        close_pipeline(old)
         self._pipe = self._new_pipeline()
         self._built = False
         self._dali_k = 0
@@ -530,7 +529,10 @@ class Loader:
 
     def close(self) -> None:
         """Stop worker processes and remove the loader's temporary files."""
-        self._pipe = None
+        if self._pipe is not None:
+            from .dali_pipeline import close_pipeline
+            old, self._pipe = self._pipe, None
+            close_pipeline(old)
         if self._own_workdir:
             self._cleanup()
 
