@@ -120,5 +120,9 @@ def test_http_bytes_served_equal_planned(nginx, merge_gap, backend, workers):
     else:
         assert total == payload + st.merge_slack and len(served) == st.requests < len(ids)
         # slack is tar framing only: no other sample's payload starts inside a request
-        for _, a, b in want:
-            pass
+        planned = set(ids.tolist())
+        names = np.array([os.path.basename(f) for f in ds.files])
+        for name, a, b in want:
+            fi = int(np.flatnonzero(names == name)[0])
+            inside = np.flatnonzero((ds.file == fi) & (ds.offset >= a) & (ds.offset < b))
+            assert set(inside.tolist()) <= planned
