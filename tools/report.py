@@ -220,7 +220,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         seen = set()
         for r in rs:
-            h = r["records"][-1].get("loss_hist")
+            h = r["records"][-1].get("score_hist") or r["records"][-1].get("loss_hist")
             k = (r["policy"], r["keep"])
             if not h or k in seen or not h.get("n"):
                 continue
@@ -228,7 +228,7 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
             centers = (edges[:-1] + edges[1:]) / 2
             ax.plot(centers, counts / max(1.0, counts.sum()), "-", color=col[k], label=label(r, seen))
         ax.set_yscale("log")
-        ax.set_xlabel("per-sample training loss (last epoch)")
+        ax.set_xlabel("per-sample score: EMA of the training loss (after the last epoch)")
         ax.set_ylabel("fraction of samples")
         ax.set_title(f"{dataset}: score distribution")
         ax.grid(alpha=0.3)

@@ -408,6 +408,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "loss_hist": loss_histogram(acc["losses"] if acc["losses"] else [np.zeros(0)]),
                 "io": io_sum,
             }
+            sc = getattr(loader, "scores", None)
+            if sc is not None and hasattr(sc, "ema") and hasattr(sc, "seen"):
+                seen = np.asarray(sc.seen)
+                rec["score_hist"] = loss_histogram(np.asarray(sc.ema)[seen])  # scores the epoch was planned from (losses are applied at the next sync)
+                rec["score_hist"]["seen_fraction"] = float(seen.mean()) if seen.size else 0.0
             t_eval = time.perf_counter()
             if test_loader is not None and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
                 last_eval = evaluate(raw_model, test_loader, device, amp)
