@@ -144,3 +144,42 @@ def test_e2e_report_written(e2e_runs: dict, tmp_path: Path) -> None:
     sw = next(r for r in res["rows"] if r["policy"] == "swdpp")
     assert sw["samples_read"] < full["samples_read"]
     assert (tmp_path / "rep" / "report.md").read_text().count("|") > 20
+
+
+def test_sigterm_checkpoints_and_resume_completes(fmnist_small, tmp_path: Path) -> None:
+    """A real SIGTERM mid-epoch: the run checkpoints and exits 0; --resume finishes the plan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    train, test = fmnist_small
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "trainers.classify", "--data", str(train), "--policy", "uniform", "--keep", "0.7",
+           "--epochs", "2", "--batch-size", "20", "--backend", "torch", "--device", "cpu", "--workers", "0",
+           "--threads", "1", "--log-ids", "--no-progress", "--out", str(out)]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ids = out / "ids-rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ids.exists() and len(ids.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, log[-2000:]
+    assert "stopped at epoch" in log and not (out / "summary.json").exists()
+    ck = checkpoint.load(out / "ckpt" / "last.pt")
+    assert ck["global_step"] == len(ids.read_text().splitlines())
+    r = subprocess.run(cmd + ["--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = json.loads((out / "config.json").read_text())
+    steps = [json.loads(x) for x in ids.read_text().splitlines()]
+    assert len(steps) == sum(cfg["steps_per_epoch"]), "same number of steps as planned up front"
+    for e in range(2):
+        seen = [i for s in steps if s["epoch"] == e for i in s["ids"] if i >= 0]
+        assert len(seen) == len(set(seen)), "no sample is read twice in an epoch after resume"
+    assert (out / "summary.json").exists()
