@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .augment import get_augment
-from .mixup import MixInfo, apply_mixup, draw_mixup, mixup_cross_entropy
+from .mixup import MixInfo, apply_mixup, draw_mixup, mixup_cross_entropy, score_update
 from .reader import (FLAG_CORRUPT, FLAG_PAD, PlannedSource, RangeReader, cancel_table,
                      file_order_rank, publish_table)
 from .stats import EpochStats
@@ -65,9 +65,31 @@ class Batch:
         return self.ids >= 0
 
     def loss(self, logits: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-        """Per-sample, mixup-aware cross-entropy (0 on padding rows)."""
+        """Per-sample, mixup-aware cross-entropy (0 on padding rows).
+
+        Also remembers, for :meth:`Loader.update`, what the score update of
+        docs/algorithm.md needs: each row's primary CE and its weight ``lambda``.
+        """
         ce = mixup_cross_entropy(logits, self.labels, self.mix, label_smoothing)
-        return torch.where(self.mask.to(ce.device), ce, torch.zeros_like(ce))
+        out = torch.where(self.mask.to(ce.device), ce, torch.zeros_like(ce))
+        if self.mix is not None:
+            self._score = (out.data_ptr(),) + score_update(logits, self.labels, self.mix,
+                                                           label_smoothing)
+        return out
+
+    def score_update(self, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses, weights) to feed the scores for this batch (docs/algorithm.md).
+
+        ``losses`` returned by :meth:`loss` (or a detached view of it) are replaced by the
+        primaries' own CE; any other per-sample losses are used as given.  Mixed rows get
+        weight ``lambda``, others 1.
+        """
+        sc = getattr(self, "_score", None)
+        if sc is not None and torch.is_tensor(losses) and losses.data_ptr() == sc[0]:
+            return sc[1], sc[2]
+        if self.mix is None:
+            return losses, torch.ones(len(self), dtype=torch.float32)
+        return losses, self.mix.lam
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -209,6 +231,7 @@ class Loader:
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[int] = set()
+        self._last_batch: Batch | None = None
 
         # DALI: define the pipeline and fork its workers now, before anything touches CUDA
         self._pipe = None
@@ -330,6 +353,7 @@ class Loader:
                 step += 1
                 self._position = (epoch, step)
                 st.epoch_s = time.perf_counter() - t_start
+                self._last_batch = batch
                 yield batch
         finally:
             gen.close()
@@ -482,15 +506,26 @@ class Loader:
         self._replace_pipeline()
 
     # -- scores, stats, state --------------------------------------------------------------
-    def update(self, ids, losses) -> None:
-        """Buffer per-sample losses (padding / skipped rows, id -1, are ignored)."""
+    def update(self, ids, losses, weights=None) -> None:
+        """Buffer per-sample losses for the next epoch's plan (rows with id -1 are ignored).
+
+        For the batch just yielded, mixed rows follow docs/algorithm.md ("Mixup and score
+        updates"): only the primary is updated, with its own CE (when ``losses`` come from
+        ``batch.loss``) and weight ``lambda``.
+        """
         if self.scores is None:
             return
+        last = self._last_batch
+        if (weights is None and last is not None and last.mix is not None
+                and torch.is_tensor(ids) and ids.data_ptr() == last.ids.data_ptr()):
+            losses, weights = last.score_update(losses)
         if torch.is_tensor(ids):
             ids = ids.detach()
         if torch.is_tensor(losses):
             losses = losses.detach()
-        self.scores.update(ids, losses)
+        if torch.is_tensor(weights):
+            weights = weights.detach()
+        self.scores.update(ids, losses, weights)
 
     def stats(self, epoch: int | None = None) -> EpochStats:
         """Counters of ``epoch`` (default: the latest epoch started)."""

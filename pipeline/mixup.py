@@ -1,7 +1,9 @@
 """Probabilistic mixup on the batch's device, and the mixup-aware per-sample loss.
 
 Each real sample ``i`` of a batch is mixed with probability ``p_mix[i]`` (from the
-epoch plan) with a partner drawn from the same batch; ``lambda_i ~ Beta(alpha, alpha)``:
+epoch plan) with a partner drawn from the same batch; ``lambda_i = max(l, 1 - l)`` with
+``l ~ Beta(alpha, alpha)`` so the primary sample dominates (docs/algorithm.md,
+"Mixup and score updates"):
 ``x_i <- lambda_i x_i + (1 - lambda_i) x_partner(i)`` (partners' *original* images).
 The loss of a mixed sample is ``lambda_i CE(z_i, y_i) + (1 - lambda_i) CE(z_i, y_partner)``;
 an unmixed sample has ``lambda_i = 1`` (plain cross-entropy).
@@ -9,6 +11,10 @@ an unmixed sample has ``lambda_i = 1`` (plain cross-entropy).
 All randomness comes from ``(seed, epoch, rank, step)`` (numpy Philox, see
 ``augment.step_rng``), so a resumed epoch mixes exactly the same pairs with the same
 lambdas.  Padding rows (id -1) are never mixed and never chosen as partners.
+
+Score updates follow docs/algorithm.md: only the primary sample of a row is updated,
+with its own component ``CE(z_i, y_i)`` and weight ``lambda_i`` (1 when unmixed); see
+:func:`score_update`.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ def draw_mixup(p_mix: np.ndarray, valid: np.ndarray, alpha: float, seed: int, ep
     rng = step_rng(seed, epoch, rank, step, stream=2)
     u = rng.random(b)
     lam_draw = rng.beta(alpha, alpha, size=b) if alpha > 0 else np.ones(b)
+    lam_draw = np.maximum(lam_draw, 1.0 - lam_draw)  # the primary dominates: lam >= 0.5
     perm = rng.permutation(b)
     partner = np.arange(b, dtype=np.int64)
     vidx = np.flatnonzero(valid)
@@ -72,3 +79,13 @@ def mixup_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, info: MixInf
                            label_smoothing=label_smoothing)
     lam = info.lam.to(ce.dtype)
     return lam * ce + (1 - lam) * ce_b
+
+
+def score_update(logits: torch.Tensor, labels: torch.Tensor, info: MixInfo | None = None,
+                 label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, weight) per row for the score update: the primary's own CE and ``lambda``."""
+    ce = F.cross_entropy(logits.detach(), labels, reduction="none",
+                         label_smoothing=label_smoothing)
+    if info is None:
+        return ce, torch.ones_like(ce)
+    return ce, info.lam.to(ce.dtype)

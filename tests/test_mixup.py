@@ -19,7 +19,7 @@ def test_draw_is_deterministic_and_respects_padding():
     partner, lam, mixed = a
     assert not mixed[12:].any() and (partner[12:] == np.arange(12, 16)).all()
     assert valid[partner[mixed]].all() and (partner[mixed] != np.flatnonzero(mixed)).all()
-    assert (lam[~mixed] == 1).all() and ((lam[mixed] > 0) & (lam[mixed] < 1)).all()
+    assert (lam[~mixed] == 1).all() and ((lam[mixed] >= 0.5) & (lam[mixed] < 1)).all()
 
 
 def test_probability_zero_and_one():
@@ -44,3 +44,28 @@ def test_apply_and_loss():
     ce_b = F.cross_entropy(logits, labels[[1, 0, 2, 3]], reduction="none")
     torch.testing.assert_close(loss[0], 0.25 * ce[0] + 0.75 * ce_b[0])
     torch.testing.assert_close(loss[2:], ce[2:])
+
+
+def test_loader_score_update_rule(cifar_wds, monkeypatch):
+    """docs/algorithm.md: only the primary is updated, with its own CE and weight lambda."""
+    import pipeline
+    ds = pipeline.open_dataset(cifar_wds)
+    L = pipeline.Loader(ds, batch_size=200, keep=0.5, policy="swdpp", epochs=4, seed=0,
+                        backend="torch", num_workers=0, device="cpu", mixup=True)
+    for b in L.epoch(0):
+        L.update(b.ids, torch.ones(len(b)))
+    seen = []
+    monkeypatch.setattr(L.scores, "update", lambda i, l, w=None: seen.append((i, l, w)))
+    n_mixed = 0
+    for b in L.epoch(1):
+        logits = torch.randn(len(b), 10)
+        losses = b.loss(logits)
+        L.update(b.ids, losses.detach())
+        ids, l, w = seen[-1]
+        if b.mix is not None:
+            n_mixed += int(b.mix.mixed.sum())
+            torch.testing.assert_close(l, F.cross_entropy(logits, b.labels, reduction="none"))
+            torch.testing.assert_close(w, b.mix.lam)
+            m = b.mix.mixed
+            assert not torch.allclose(losses[m], l[m])
+    assert n_mixed > 0
