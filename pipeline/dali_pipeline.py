@@ -30,12 +30,12 @@ class _Callback:
 
     def __call__(self, info):
         payload, meta, params = self.source.batch(info.epoch_idx, info.iteration)
+        # fixed-shape outputs go as one array with a batch dimension: far cheaper to ship
+        # through DALI's shared memory than one small array per sample
         if not self.with_params:
-            return payload, list(meta)
-        anchor = [p[0:2].copy() for p in params]
-        shape = [p[2:4].copy() for p in params]
-        flip = [np.array(int(p[4]), dtype=np.int32) for p in params]
-        return payload, list(meta), anchor, shape, flip
+            return payload, meta
+        return (payload, meta, np.ascontiguousarray(params[:, 0:2]),
+                np.ascontiguousarray(params[:, 2:4]), params[:, 4].astype(np.int32))
 
 
 def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, layout_hw: bool):

@@ -154,6 +154,9 @@ class Loader:
         verify_files: ``"size"`` (default), ``"checksum"`` or None: what to check of every
             shard when the loader is created.
         scores: an existing :class:`pipeline.Scores` (default: a new one).
+        direct_io: local shards read with O_DIRECT (whole logical blocks, no page cache):
+            for samples smaller than a page it keeps pruned neighbours off the disk, at
+            the price of re-reading from the device every epoch.
     """
 
     def __init__(self, ds, batch_size: int, keep: float = 1.0, policy: str = "swdpp",
@@ -165,7 +168,7 @@ class Loader:
                  verify_crc: bool = True, verify_files: str | None = "size",
                  image_size: int | None = None, prefetch: int = 2, num_threads: int | None = None,
                  scores=None, storage_options: dict | None = None, workdir: str | None = None,
-                 py_start_method: str = "fork"):
+                 py_start_method: str = "fork", direct_io: bool = False):
         if backend not in ("dali", "torch"):
             raise ValueError(f"backend must be 'dali' or 'torch', not {backend!r}")
         if on_corrupt not in ("skip", "raise"):
@@ -207,7 +210,8 @@ class Loader:
             ds.check_files(verify_checksum=(verify_files == "checksum"))
         self._rank_in_file = file_order_rank(ds.file, ds.offset)
         reader = RangeReader(ds.files, getattr(ds, "file_sizes", None), merge_gap=merge_gap,
-                             rank=self._rank_in_file, storage_options=storage_options)
+                             rank=self._rank_in_file, storage_options=storage_options,
+                             direct_io=direct_io)
         self.merge_gap = reader.merge_gap
         self.source = PlannedSource(ds, self.workdir, reader, self.spec,
                                     _filler(self.codec, ds.sample_shape, self.channels),

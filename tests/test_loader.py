@@ -78,8 +78,8 @@ def test_backends_same_ids_exactly_once(fmt, request):
     a.close(); b.close()
 
 
-@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torch", 0)])
-def test_single_worker(cifar_wds, backend, workers):
+@pytest.mark.parametrize("backend,workers", [("dali", 1), ("torch", 0), ("torch", 2)])
+def test_worker_counts(cifar_wds, backend, workers):
     ds = pipeline.open_dataset(cifar_wds)
     L = pipeline.Loader(ds, backend=backend, num_workers=workers, **KW)
     check_exactly_once(ds, L, run_epochs(L, 2))

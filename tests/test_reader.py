@@ -66,3 +66,17 @@ def test_truncated_and_missing_shard_named(cifar_wds, tmp_path):
     ids = np.flatnonzero(ds.file == 2)[:3]
     with pytest.raises(ShardError, match=os.path.basename(files[2])):
         r.read(ds.file[ids], ds.offset[ids], ds.length[ids])
+
+
+def test_direct_io_reads_whole_blocks_only(cifar_wds):
+    ds = pipeline.open_dataset(cifar_wds)
+    ids = np.arange(0, len(ds), 3)
+    try:
+        r = RangeReader(ds.files, ds.file_sizes, direct_io=True)
+        bufs = r.read(ds.file[ids], ds.offset[ids], ds.length[ids])
+    except OSError as e:  # some file systems (tmpfs) refuse O_DIRECT
+        pytest.skip(f"O_DIRECT unsupported here: {e}")
+    assert [bytes(b) for b in bufs[:40]] == [ds.read(int(i)) for i in ids[:40]]
+    c = r.counters
+    assert c.payload == int(ds.length[ids].sum()) and c.bytes >= c.payload
+    assert c.bytes % 512 == 0 and c.bytes < int(ds.length[ids].sum()) + 2 * 4096 * len(ids)
