@@ -63,6 +63,7 @@ def load_run(run: Path) -> dict[str, Any] | None:
         "epochs_done": len(recs), "epochs": cfg.get("epochs", len(recs)),
         "complete": (run / "summary.json").exists(), "records": recs,
         "test_acc": accs[-1] if accs else None, "wall_s": float(last.get("wall_s", 0.0)),
+        "cpu_s": last.get("cpu_s"),
         "elapsed_s": last.get("elapsed_s"), "samples_read": tot("samples_read"), "bytes_read": tot("bytes_read"),
         "requests": tot("requests"), "steps": tot("steps"), "kept": tot("kept"),
         "data_wait_s": tot("data_wait_s"), "compute_s": tot("compute_s"),
@@ -86,10 +87,12 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for (dataset, policy, keep), rs in groups.items():
         acc_m, acc_s = _mean_std([r["test_acc"] for r in rs])
         wall_m, wall_s = _mean_std([r["wall_s"] for r in rs])
+        cpu_m, cpu_s = _mean_std([r["cpu_s"] for r in rs])
         row = {"dataset": dataset, "policy": policy, "keep": keep, "seeds": len(rs),
                "seed_list": sorted(r["seed"] for r in rs if r["seed"] is not None),
                "epochs": max(r["epochs_done"] for r in rs), "complete": all(r["complete"] for r in rs),
-               "acc_mean": acc_m, "acc_std": acc_s, "wall_mean": wall_m, "wall_std": wall_s}
+               "acc_mean": acc_m, "acc_std": acc_s, "wall_mean": wall_m, "wall_std": wall_s,
+               "cpu_mean": cpu_m, "cpu_std": cpu_s}
         for k in ("samples_read", "bytes_read", "requests", "steps", "data_wait_s", "compute_s"):
             row[k] = _mean_std([r[k] for r in rs])[0]
         rows.append(row)
@@ -99,7 +102,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
     full = {r["dataset"]: r for r in rows if r["policy"] == "full"}
     for r in rows:
         f = full.get(r["dataset"])
-        for k, name in (("wall_mean", "time_ratio"), ("bytes_read", "bytes_ratio"), ("samples_read", "samples_ratio")):
+        for k, name in (("wall_mean", "time_ratio"), ("cpu_mean", "cpu_ratio"), ("bytes_read", "bytes_ratio"),
+                        ("samples_read", "samples_ratio")):
             r[name] = (r[k] / f[k]) if f and r.get(k) is not None and f.get(k) else None
         r["acc_delta"] = (r["acc_mean"] - f["acc_mean"]) * 100 if f and r["acc_mean"] is not None and \
             f["acc_mean"] is not None else None
@@ -125,14 +129,15 @@ def _human(n: float | None) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table of the aggregated rows."""
     head = ("| dataset | policy | keep | seeds | epochs | test acc % (mean ± std) | Δ vs full (pts) | "
-            "train wall s | time vs full | samples read | bytes read | bytes vs full | requests |")
+            "train wall s | time vs full | train CPU s | CPU vs full | samples read | bytes read | bytes vs full | requests |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         acc = f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}" if r["acc_mean"] is not None else "-"
         lines.append(
             f"| {r['dataset']} | {r['policy']} | {r['keep']:g} | {r['seeds']} | {r['epochs']}{'' if r['complete'] else '*'} "
             f"| {acc} | {_fmt(r['acc_delta'], '+.2f')} | {_fmt(r['wall_mean'], '.1f')} ± {_fmt(r['wall_std'], '.1f')} "
-            f"| {_fmt(r['time_ratio'], '.2f')}x | {_fmt(r['samples_read'], ',.0f')} | {_human(r['bytes_read'])} "
+            f"| {_fmt(r['time_ratio'], '.2f')}x | {_fmt(r['cpu_mean'], '.1f')} ± {_fmt(r['cpu_std'], '.1f')} "
+            f"| {_fmt(r['cpu_ratio'], '.2f')}x | {_fmt(r['samples_read'], ',.0f')} | {_human(r['bytes_read'])} "
             f"| {_fmt(r['bytes_ratio'], '.2f')}x | {_fmt(r['requests'], ',.0f')} |")
     return "\n".join(lines)
 
@@ -178,7 +183,8 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset}: accuracy vs wall time")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-accuracy_vs_time.png"))
 
         # bytes read per epoch
@@ -196,7 +202,8 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("MB read")
         ax.set_title(f"{dataset}: bytes read per epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-bytes_per_epoch.png"))
 
         # kept fraction per epoch
@@ -213,7 +220,8 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("kept fraction of the dataset")
         ax.set_title(f"{dataset}: kept fraction per epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-kept_fraction.png"))
 
         # score (per-sample training loss) distribution at the last epoch, first seed of each group
@@ -232,7 +240,8 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
         ax.set_ylabel("fraction of samples")
         ax.set_title(f"{dataset}: score distribution")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-score_distribution.png"))
     return written
 
@@ -265,7 +274,7 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
     tab = table(rows)
     files = plots(runs, outp)
     with open(outp / "runs.csv", "w", newline="") as f:
-        keys = ["dataset", "policy", "keep", "seed", "epochs_done", "complete", "test_acc", "wall_s", "elapsed_s",
+        keys = ["dataset", "policy", "keep", "seed", "epochs_done", "complete", "test_acc", "wall_s", "cpu_s", "elapsed_s",
                 "samples_read", "bytes_read", "requests", "steps", "kept", "data_wait_s", "compute_s", "run"]
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -273,8 +282,9 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
             w.writerow(r)
     md = ["# Savings report", "",
           "Final test accuracy (mean ± sample std over seeds), training wall time (data wait + compute,",
-          "evaluation excluded), totals read over the run, and ratios versus the full-data run of the same",
-          "dataset. `*` = some run of the group is incomplete.", "", tab, ""]
+          "evaluation excluded), training CPU time (the trainer and its loader workers; less sensitive to",
+          "other jobs on the machine than wall time), totals read over the run, and ratios versus the",
+          "full-data run of the same dataset. `*` = some run of the group is incomplete.", "", tab, ""]
     md += [f"![{p.stem}]({p.name})" for p in files]
     (outp / "report.md").write_text("\n".join(md) + "\n")
     (outp / "summary.json").write_text(json.dumps(rows, indent=1, default=str))

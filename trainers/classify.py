@@ -169,6 +169,40 @@ def _sum_ranks(d: dict, distributed: bool, device: torch.device) -> dict:
     return out
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and all its descendants (loader workers).
+
+    Robust to other jobs competing for the cores, unlike wall time. Linux: summed from
+    /proc; elsewhere: this process only (``time.process_time``).
+    """
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+        parent: dict[int, int] = {}
+        ticks: dict[int, int] = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d)] = int(fields[1])
+            ticks[int(d)] = int(fields[11]) + int(fields[12])
+        me = os.getpid()
+        total, todo = 0, [me]
+        children: dict[int, list[int]] = {}
+        for pid, pp in parent.items():
+            children.setdefault(pp, []).append(pid)
+        while todo:
+            pid = todo.pop()
+            total += ticks.get(pid, 0)
+            todo.extend(children.get(pid, []))
+        return total / tick
+    except (OSError, ValueError, IndexError):
+        return time.process_time()
+
+
 def _default_out(args) -> str:
     name = Path(args.data.rstrip("/")).name
     return str(Path("runs") / f"{name}-{args.policy}-k{args.keep:g}-s{args.seed}")
@@ -277,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # ---- resume
     ck_dir = out / "ckpt"
-    start_epoch, step_in_epoch, global_step, wall_s = 0, 0, 0, 0.0
+    start_epoch, step_in_epoch, global_step, wall_s, cpu_s = 0, 0, 0, 0.0, 0.0
     partial: dict[str, Any] = {}
     if args.resume and (ck_dir / "last.pt").exists():
         ck = checkpoint.load(ck_dir / "last.pt")
@@ -290,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         loader.load_state_dict(mine["loader"])
         partial = mine.get("partial", {}) or {}
         start_epoch, step_in_epoch, global_step = ck["epoch"], ck["step_in_epoch"], ck["global_step"]
-        wall_s = ck["wall_s"]
+        wall_s, cpu_s = ck["wall_s"], ck.get("cpu_s", 0.0)
         if is_main:
             print(f"[classify] resumed from {ck_dir/'last.pt'}: epoch {start_epoch} step {step_in_epoch}", flush=True)
     elif args.resume and is_main:
@@ -315,12 +349,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     last_eval: dict = {}
     try:
         for epoch in range(start_epoch, args.epochs):
-            acc = dict(loss_sum=0.0, n=0, steps=0, data_wait_s=0.0, compute_s=0.0, prior_s=0.0, losses=[])
+            acc = dict(loss_sum=0.0, n=0, steps=0, data_wait_s=0.0, compute_s=0.0, prior_s=0.0, prior_cpu_s=0.0,
+                       prior_io={}, losses=[])
             if resumed_mid:
                 acc.update({k: partial[k] for k in acc if k in partial})
                 acc["losses"] = [np.asarray(partial.get("losses", np.zeros(0, np.float32)), np.float32)]
                 resumed_mid = False
-            t_epoch = time.perf_counter()
+            t_epoch, c_epoch = time.perf_counter(), cpu_seconds()
             it = iter(loader.epoch(epoch))
             bar = None
             if progress:
@@ -378,10 +413,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             segment_s = time.perf_counter() - t_epoch
             wall_s += segment_s
             epoch_s = acc["prior_s"] + segment_s  # a resumed epoch counts its time before the stop too
+            epoch_cpu_s = acc["prior_cpu_s"] + cpu_seconds() - c_epoch
+            cpu_s += epoch_cpu_s - acc["prior_cpu_s"]
             if stopped:
-                acc["prior_s"] = epoch_s
+                acc["prior_s"], acc["prior_cpu_s"] = epoch_s, epoch_cpu_s
+                acc["prior_io"] = _numeric(_stats_dict(loader.stats(epoch)))
                 _save(ck_dir, rank, world_size, raw_model, opt, sched, loader, epoch, step_in_epoch, global_step,
-                      wall_s, partial=dict(acc, losses=np.concatenate(acc["losses"]) if acc["losses"] else
+                      wall_s, cpu_s, partial=dict(acc, losses=np.concatenate(acc["losses"]) if acc["losses"] else
                                            np.zeros(0, np.float32)))
                 if is_main:
                     print(f"[classify] stopped at epoch {epoch} step {step_in_epoch}; checkpoint in {ck_dir}",
@@ -390,6 +428,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
             # ---- end of epoch: stats, eval, metrics, checkpoint
             io = _stats_dict(loader.stats(epoch))
+            prior = acc.get("prior_io") or {}
+            for k, v in prior.items():  # counters of the part of a resumed epoch before the stop
+                if k in io and isinstance(v, (int, float)) and k not in _NOT_SUMMED and k != "samples_planned" \
+                        and not (k.startswith("dataset_") or k.endswith("_fraction")):
+                    io[k] = io[k] + v
+            if prior and "samples_planned" in io:  # the resumed part plans only what was left
+                io["samples_planned"] += prior.get("samples_delivered", 0)
             io_sum = _sum_ranks(_numeric(io), distributed, device)
             counts = _sum_ranks({k: acc[k] for k in ("loss_sum", "n", "steps")}, distributed, device)
             rec: dict[str, Any] = {
@@ -403,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 "full_bytes": _stat(io, "dataset_payload", "full_bytes",
                                     default=int(np.asarray(ds.length, dtype=np.int64).sum())),
                 "data_wait_s": acc["data_wait_s"], "compute_s": acc["compute_s"], "epoch_s": epoch_s,
-                "wall_s": wall_s, "train_loss": counts["loss_sum"] / max(1, counts["n"]),
+                "wall_s": wall_s, "epoch_cpu_s": epoch_cpu_s, "cpu_s": cpu_s, "train_loss": counts["loss_sum"] / max(1, counts["n"]),
                 "train_samples": int(counts["n"]), "lr": opt.param_groups[0]["lr"],
                 "loss_hist": loss_histogram(acc["losses"] if acc["losses"] else [np.zeros(0)]),
                 "io": io_sum,
@@ -428,14 +473,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
                     msg += f" test_acc {rec['test_acc']:.4f}"
                 print(msg, flush=True)
             step_in_epoch = 0
-            _save(ck_dir, rank, world_size, raw_model, opt, sched, loader, epoch + 1, 0, global_step, wall_s, None)
+            _save(ck_dir, rank, world_size, raw_model, opt, sched, loader, epoch + 1, 0, global_step, wall_s, cpu_s,
+                  None)
     finally:
         stopper.restore()
         if ids_log is not None:
             ids_log.close()
 
     summary = dict(run=str(out), policy=args.policy, keep=args.keep, seed=args.seed, epochs=args.epochs,
-                   stopped=stopped, global_step=global_step, wall_s=wall_s,
+                   stopped=stopped, global_step=global_step, wall_s=wall_s, cpu_s=cpu_s,
                    elapsed_s=time.perf_counter() - t_start, **last_eval)
     if is_main and not stopped:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -445,12 +491,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _save(ck_dir: Path, rank: int, world_size: int, model, opt, sched, loader, epoch: int, step_in_epoch: int,
-          global_step: int, wall_s: float, partial: dict | None) -> None:
+          global_step: int, wall_s: float, cpu_s: float, partial: dict | None) -> None:
     """Rank 0 writes last.pt (everything); other ranks write their loader state only."""
     state = {"loader": loader.state_dict(), "partial": partial}
     if rank == 0:
         state.update(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                     epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, wall_s=wall_s,
+                     epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step, wall_s=wall_s, cpu_s=cpu_s,
                      world_size=world_size)
         checkpoint.save(state, ck_dir / "last.pt")
     else:
