@@ -8,8 +8,9 @@ size and worker count; CPU-only here):
     the fraction is exact from the first epoch), and the torch backend at keep 1.0;
   * DALI's own ``fn.readers.webdataset`` over the same shards;
   * ``webdataset`` + ``DataLoader`` + torchvision v2 transforms.
-Per row: a cold epoch (shards evicted first; also the warm-up: fork, build), then
-``--repeats`` timed epochs with a warm page cache, the fastest kept (the machine is shared).  Bytes: what the reader requested (Loader rows), and bytes
+Per row: a cold epoch (shards evicted first; also the warm-up: fork, build); then
+``--repeats`` rounds of timed epochs with a warm page cache, rows interleaved round-robin,
+the fastest epoch of each row kept (the machine is shared with other jobs).  Bytes: what the reader requested (Loader rows), and bytes
 actually read off the block device in the cold epoch (POSIX_FADV_DONTNEED on every shard; the
 sectors-read counter of /sys/dev/block/<maj>:<min>/stat, 512-byte sectors; device-wide,
 so other processes' reads add noise).
@@ -56,12 +57,12 @@ def evict(files) -> None:
 
 
 # -- the pipelines -------------------------------------------------------------------------
-def our_loader(ds, keep, backend, batch, workers, threads):
+def our_loader(ds, keep, backend, batch, workers, threads, direct_io=False):
     import pipeline
     policy = "full" if keep >= 1.0 else "uniform"
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy=policy, epochs=100, seed=0,
                         backend=backend, device="cpu", augment="cifar", num_workers=workers,
-                        num_threads=threads)
+                        num_threads=threads, direct_io=direct_io)
     e = [0]
 
     def run():
@@ -152,7 +153,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per row (best kept)")
     ap.add_argument("--samples-per-shard", type=int, default=5000)
-    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: wds dali_reader torch")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: wds dali_reader torch direct one_worker")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -181,39 +182,62 @@ def main(argv=None) -> dict:
           f"tar {file_bytes / 1e6:.1f} MB; batch {args.batch}, workers {args.workers}, "
           f"DALI threads {args.threads}", flush=True)
 
-    rows = []
-    def bench(name, factory, keep=1.0, requested=None):
-        # cold first: evict the shards, then create the pipeline and run one epoch (DALI's
-        # reader mmaps the shards, and mapped pages cannot be evicted while it lives)
-        sp = _dev_stat_path(shards[0])
+    # phase 1: per row, evict the shards, create the pipeline and run one cold epoch (its
+    # block-device bytes; also the warm-up: fork, build).  DALI's reader mmaps the shards
+    # and mapped pages cannot be evicted while it lives, hence cold-first.
+    specs = []
+    def add(name, factory, keep=1.0, requested=None):
+        specs.append((name, factory, keep, requested))
+
+    for keep in (1.0, 0.7, 0.5):
+        add(f"Loader dali keep={keep}", lambda keep=keep: our_loader(
+            ds, keep, "dali", args.batch, args.workers, args.threads), keep)
+    if "dali_reader" not in args.skip:
+        add("DALI fn.readers.webdataset", lambda: dali_reader(shards, args.batch, args.threads),
+            requested=file_bytes)
+    if "wds" not in args.skip:
+        add("webdataset + DataLoader + torchvision",
+            lambda: wds_dataloader(shards, args.batch, args.workers), requested=file_bytes)
+    if "direct" not in args.skip:
+        for keep in (1.0, 0.7):
+            add(f"Loader dali keep={keep} O_DIRECT", lambda keep=keep: our_loader(
+                ds, keep, "dali", args.batch, args.workers, args.threads, direct_io=True), keep)
+    if "one_worker" not in args.skip:
+        add("Loader dali keep=1.0, 1 worker",
+            lambda: our_loader(ds, 1.0, "dali", args.batch, 1, args.threads))
+    if "torch" not in args.skip:
+        add("Loader torch keep=1.0",
+            lambda: our_loader(ds, 1.0, "torch", args.batch, args.workers, args.threads))
+
+    sp = _dev_stat_path(shards[0])
+    runs, cold = [None] * len(specs), [None] * len(specs)
+    # DALI's reader last: once it has mapped the shards, they cannot be evicted any more
+    order = sorted(range(len(specs)), key=lambda j: specs[j][0].startswith("DALI fn.readers"))
+    for j in order:
+        name, factory, keep, requested = specs[j]
         evict(shards)
         a = sectors_read(sp)
         run = factory()
         run()
-        cold = (sectors_read(sp) - a) * 512 if sp else -1
-        best = None
-        for _ in range(args.repeats):              # timed epochs, warm page cache; best of
-            r = timed(run)                         # N (the 2 cores are shared: noisy)
-            best = r if best is None or r[1] < best[1] else best
-        n, s, st = best
+        cold[j] = (sectors_read(sp) - a) * 512 if sp else -1
+        runs[j] = run
+        print(f"cold epoch done: {name}: {cold[j] / 1e6:.1f} MB off the device", flush=True)
+
+    # phase 2: timed epochs, warm page cache, rows interleaved round-robin so that every
+    # row sees the same (shared, drifting) machine load; the fastest of --repeats is kept
+    best: list = [None] * len(specs)
+    for rep in range(args.repeats):
+        for j, run in enumerate(runs):
+            r = timed(run)
+            if best[j] is None or r[1] < best[j][1]:
+                best[j] = r
+    rows = []
+    for (name, _, keep, requested), (n, s, st), c in zip(specs, best, cold):
         row = dict(name=name, keep=keep, images=n, seconds=s, images_per_s=n / s,
                    requested_bytes=(st.bytes_read if st else requested),
-                   requests=(st.requests if st else None), device_bytes=cold)
+                   requests=(st.requests if st else None), device_bytes=c)
         rows.append(row)
         print(json.dumps(row), flush=True)
-
-    for keep in (1.0, 0.7, 0.5):
-        bench(f"Loader dali keep={keep}", lambda: our_loader(ds, keep, "dali", args.batch,
-                                                             args.workers, args.threads), keep)
-    if "dali_reader" not in args.skip:
-        bench("DALI fn.readers.webdataset", lambda: dali_reader(shards, args.batch, args.threads),
-              requested=file_bytes)
-    if "wds" not in args.skip:
-        bench("webdataset + DataLoader + torchvision",
-              lambda: wds_dataloader(shards, args.batch, args.workers), requested=file_bytes)
-    if "torch" not in args.skip:
-        bench("Loader torch keep=1.0", lambda: our_loader(ds, 1.0, "torch", args.batch,
-                                                          args.workers, args.threads))
 
     base = {r["name"]: r for r in rows}
     full = base["Loader dali keep=1.0"]

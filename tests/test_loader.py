@@ -227,3 +227,13 @@ def test_break_mid_epoch_then_next_epoch(cifar_wds):
     ids, _ = run_epochs(L, 2)[1]
     plan = planned(L, 1)
     assert sorted(ids[ids >= 0]) == sorted(plan[plan >= 0])
+
+
+def test_dali_spawned_workers(cifar_test_wds):
+    """The path taken when CUDA is already initialised: workers spawned, source pickled."""
+    ds = pipeline.open_dataset(cifar_test_wds)
+    L = pipeline.Loader.for_eval(ds, 250, backend="dali", device="cpu", num_workers=1,
+                                 py_start_method="spawn")
+    ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
+    assert sorted(ids.tolist()) == list(range(len(ds)))
+    L.close()
