@@ -237,3 +237,15 @@ def test_dali_spawned_workers(cifar_test_wds):
     ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
     assert sorted(ids.tolist()) == list(range(len(ds)))
     L.close()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("train", [True, False])
+def test_imagenet_preset_cpu(cifar_test_wds, backend, train):
+    ds = pipeline.open_dataset(cifar_test_wds)
+    kw = dict(backend=backend, device="cpu", num_workers=1, augment="imagenet", image_size=24)
+    L = (pipeline.Loader(ds, 200, keep=1.0, policy="full", **kw) if train
+         else pipeline.Loader.for_eval(ds, 200, **kw))
+    b = next(iter(L.epoch(0)))
+    assert b.images.shape == (200, 3, 24, 24) and torch.isfinite(b.images).all()
+    L.close()
