@@ -575,6 +575,12 @@ class Loader:
         if self._own_workdir:
             self._cleanup()
 
+    def __enter__(self) -> "Loader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def __repr__(self) -> str:
         return (f"Loader(n={self.n}, batch_size={self.batch_size}, backend={self.backend!r}, "
                 f"device={str(self.device)!r}, train={self.train}, policy={self.policy_name!r}, "

@@ -249,3 +249,18 @@ def test_imagenet_preset_cpu(cifar_test_wds, backend, train):
     b = next(iter(L.epoch(0)))
     assert b.images.shape == (200, 3, 24, 24) and torch.isfinite(b.images).all()
     L.close()
+
+
+def test_ranks_disjoint_and_complete(cifar_wds):
+    """world_size=2 without torch.distributed: each rank plans the same epoch and takes its slice."""
+    ds = pipeline.open_dataset(cifar_wds)
+    got = []
+    for r in range(2):
+        with pipeline.Loader(ds, batch_size=100, keep=0.7, policy="uniform", epochs=2, seed=4,
+                             backend="torch", num_workers=0, device="cpu", augment=None,
+                             world_size=2, rank=r) as L:
+            ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
+            assert len(ids) == L.steps_per_epoch(0) * 100
+            got.append(ids[ids >= 0])
+    assert not set(got[0]) & set(got[1])
+    assert len(got[0]) + len(got[1]) == 1400
