@@ -264,10 +264,18 @@ class Loader:
                 pass
         device_id = self.device.index if self.device.index is not None else int(
             os.environ.get("LOCAL_RANK", 0))
+        # pack encoded payloads into one [B, max_len] array when sizes are similar
+        # (padding waste <= 2x); otherwise ship them as a list
+        lengths = np.asarray(self.ds.length)
+        max_len = int(lengths.max()) if len(lengths) else 0
+        packed = max_len if max_len and max_len <= 2 * float(lengths.mean()) else None
+        if packed:
+            packed = max(packed, len(self.source.filler))  # padding rows carry the filler
         return build_pipeline(self.source, self.spec, self.batch_size, self.codec,
                               self.channels, self.gpu, device_id=device_id,
                               num_threads=self.num_threads, py_num_workers=self.num_workers,
-                              prefetch=self.prefetch, seed=self.seed, py_start_method=method)
+                              prefetch=self.prefetch, seed=self.seed, py_start_method=method,
+                              packed_len=packed)
 
     # -- planning -------------------------------------------------------------------------
     def _rank_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
