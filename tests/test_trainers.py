@@ -183,3 +183,21 @@ def test_sigterm_checkpoints_and_resume_completes(fmnist_small, tmp_path: Path) 
         seen = [i for s in steps if s["epoch"] == e for i in s["ids"] if i >= 0]
         assert len(seen) == len(set(seen)), "no sample is read twice in an epoch after resume"
     assert (out / "summary.json").exists()
+
+
+def test_eval_loader_normalises_like_training(cifar_wds, cifar_test_wds) -> None:
+    """Regression: the test set must go through the training preset's normalisation (eval mode)."""
+    pytest.importorskip("pipeline.loader")
+    import pipeline
+    from trainers.classify import _make_loader, build_parser, resolve_augment
+
+    args = build_parser().parse_args(["--data", str(cifar_wds), "--backend", "torch", "--workers", "0"])
+    train_ds, test_ds = pipeline.open_dataset(cifar_wds), pipeline.open_dataset(cifar_test_wds)
+    args.augment = resolve_augment(args.augment, train_ds)
+    assert args.augment == "cifar"
+    tr = _make_loader(train_ds, args, 1, 0, "cpu", train=True)
+    ev = _make_loader(test_ds, args, 1, 0, "cpu", train=False)
+    assert tuple(tr.spec.mean) == tuple(ev.spec.mean) and tuple(tr.spec.std) == tuple(ev.spec.std)
+    assert tr.spec.train and not ev.spec.train
+    x = next(iter(ev.epoch(0))).images
+    assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 2.0, "normalised inputs"

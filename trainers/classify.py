@@ -208,21 +208,34 @@ def _default_out(args) -> str:
     return str(Path("runs") / f"{name}-{args.policy}-k{args.keep:g}-s{args.seed}")
 
 
+def resolve_augment(name: str | None, ds) -> str | None:
+    """``auto``: "cifar" for small RGB images, "imagenet" for larger RGB, none for grayscale."""
+    if name in (None, "none", "None", ""):
+        return None
+    if name == "auto":
+        if int(ds.channels or 3) != 3:
+            return None
+        return "cifar" if (ds.sample_shape or (0, 0))[0] <= 64 and ds.sample_shape else "imagenet"
+    return name
+
+
 def _make_loader(ds, args, world_size: int, rank: int, device: str, train: bool):
+    """Training loader, or (``train=False``) the evaluation loader with the same preset in eval mode.
+
+    ``args.augment`` must already be resolved from the *training* dataset, so that the test set
+    is normalised exactly like the training set.
+    """
     import pipeline
 
-    aug = None if args.augment in ("none", "None", "") else args.augment
-    if aug == "auto":
-        aug = "cifar" if (ds.channels == 3 and (ds.sample_shape or (0, 0))[0] <= 64) else (
-            "imagenet" if ds.channels == 3 else None)
+    aug = resolve_augment(args.augment, ds)
     kw: dict[str, Any] = dict(backend=args.backend, device=device, seed=args.seed)
     if args.workers is not None:
         kw["num_workers"] = args.workers
-    if not train:
+    if not train:  # the same preset in eval mode: same normalisation, no random augmentation
         if hasattr(pipeline.Loader, "for_eval"):
-            return pipeline.Loader.for_eval(ds, batch_size=args.eval_batch_size, **kw)
+            return pipeline.Loader.for_eval(ds, batch_size=args.eval_batch_size, augment=aug, **kw)
         return pipeline.Loader(ds, batch_size=args.eval_batch_size, keep=1.0, policy="full", epochs=1,
-                               augment=None, mixup=False, train=False, **kw)
+                               augment=aug, mixup=False, train=False, **kw)
     mixup = args.mixup if args.mixup is not None else args.policy == "swdpp"
     return pipeline.Loader(ds, batch_size=args.batch_size, keep=1.0 if args.policy == "full" else args.keep,
                            policy=args.policy, epochs=args.epochs, augment=aug, mixup=mixup,
@@ -288,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dist.barrier()
 
     ds = pipeline.open_dataset(args.data)
+    args.augment = resolve_augment(args.augment, ds)
     loader = _make_loader(ds, args, world_size, rank, args.device, train=True)
     test_loader = None
     if args.test_data and is_main:
