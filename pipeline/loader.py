@@ -132,6 +132,13 @@ def _decodable(data: bytes, codec: str) -> bool:
         return False
 
 
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 class Loader:
     """Streaming loader that reads, decodes and augments only the planned samples.
 
@@ -431,10 +438,14 @@ class Loader:
         k = self._torch_k = getattr(self, "_torch_k", -1) + 1
         path = self.source.table_path(k)
         publish_table(path, table, epoch, first, self.rank, self.seed)
-        for images, meta, decode_ns in iterate(self.source, k, self.spec, self.codec,
-                                               self.channels, self.num_workers, self.prefetch):
-            st.decode_s += decode_ns / 1e9
-            yield images, meta
+        try:
+            for images, meta, decode_ns in iterate(self.source, k, self.spec, self.codec,
+                                                   self.channels, self.num_workers,
+                                                   self.prefetch):
+                st.decode_s += decode_ns / 1e9
+                yield images, meta
+        finally:
+            _remove(path)  # the DataLoader's workers are gone: the table is not needed
 
     def _dali_batches(self, epoch, table, first, st):
         """Run the DALI pipeline over ``table``; recover from a sample that kills the decoder."""
@@ -470,6 +481,7 @@ class Loader:
                 if finished:
                     self._pipe.reset()
                     self._dali_k += 1
+                    _remove(path)  # no worker reads a finished DALI epoch's table again
             if finished and done < len(table):
                 raise RuntimeError(f"DALI epoch ended after {done} of {len(table)} batches")
 
@@ -485,6 +497,7 @@ class Loader:
                 self._account(np.array(meta.as_array()), st)  # read, though not delivered
             self._pipe.reset()
             self._dali_k += 1
+            _remove(path)
         except Exception:  # a broken pipeline: rebuild on next use
             self._replace_pipeline()
 
