@@ -36,7 +36,7 @@ def _torchrun(data: tuple[Path, Path], out: Path, *extra: str) -> subprocess.Com
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "trainers.classify", "--data", str(train), "--test-data", str(test), "--policy", "swdpp",
-           "--keep", "0.7", "--epochs", str(EPOCHS), "--batch-size", str(BS), "--backend", "torch",
+           "--keep", "0.7", "--epochs", str(EPOCHS), "--batch-size", str(BS), "--width", "8", "--backend", "torch",
            "--device", "cpu", "--workers", "0", "--threads", "1", "--seed", "1", "--log-ids", "--no-progress",
            "--out", str(out), *extra]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -112,8 +112,8 @@ def e2e_runs(fmnist_small, tmp_path_factory) -> dict[str, Path]:
     for policy in POLICIES:
         d = runs / policy
         main(["--data", str(train), "--test-data", str(test), "--policy", policy, "--keep", "0.7",
-              "--epochs", "2", "--batch-size", "64", "--backend", "torch", "--device", "cpu", "--seed", "0",
-              "--warmup-epochs", "0.3", "--out", str(d), "--no-progress"])
+              "--epochs", "2", "--batch-size", "64", "--width", "8", "--workers", "0", "--backend", "torch",
+              "--device", "cpu", "--seed", "0", "--warmup-epochs", "0.3", "--out", str(d), "--no-progress"])
         out[policy] = d
     return out
 
@@ -157,8 +157,8 @@ def test_sigterm_checkpoints_and_resume_completes(fmnist_small, tmp_path: Path) 
     train, test = fmnist_small
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "trainers.classify", "--data", str(train), "--policy", "uniform", "--keep", "0.7",
-           "--epochs", "2", "--batch-size", "20", "--backend", "torch", "--device", "cpu", "--workers", "0",
-           "--threads", "1", "--log-ids", "--no-progress", "--out", str(out)]
+           "--epochs", "2", "--batch-size", "20", "--width", "8", "--backend", "torch", "--device", "cpu",
+           "--workers", "0", "--threads", "1", "--log-ids", "--no-progress", "--out", str(out)]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
