@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = p.add_argument_group("data")
     d.add_argument("--data", required=True, help="training dataset directory (tools/shard.py output)")
     d.add_argument("--test-data", default=None, help="test dataset directory (evaluated on every sample)")
-    d.add_argument("--backend", default="torch", choices=["dali", "torch"], help="decode/augment backend")
+    d.add_argument("--backend", default="dali", choices=["dali", "torch"],
+                   help="decode/augment backend (torch: DataLoader + torchvision fallback)")
     d.add_argument("--augment", default="auto", help="augmentation: auto | cifar | imagenet | none")
     d.add_argument("--workers", type=int, default=None, help="loader workers (default: the loader's)")
     d.add_argument("--batch-size", type=int, default=128, help="per-rank batch size")
