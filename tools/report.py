@@ -171,60 +171,50 @@ def plots(runs: list[dict], out: Path) -> list[Path]:
             seen.add(k)
             return f"{r['policy']} keep={r['keep']:g}"
 
+        def lines(ax, point) -> None:
+            """One line per run of ``point(record) -> (x, y) | None``; legend once per group."""
+            seen: set = set()
+            for r in rs:
+                pts = [p for p in map(point, r["records"]) if p is not None]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.plot(xs, ys, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8,
+                            label=label(r, seen))
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+
         # accuracy vs wall time and vs CPU time (CPU time is less sensitive to other jobs)
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
         for ax, key, xlabel in ((axes[0], "wall_s", "training wall time (s)"),
                                 (axes[1], "cpu_s", "training CPU time, trainer + loader workers (s)")):
-            seen: set = set()
-            for r in rs:
-                pts = [(x[key], x["test_acc"] * 100) for x in r["records"]
-                       if x.get("test_acc") is not None and x.get(key) is not None]
-                if pts:
-                    t, a = zip(*pts)
-                    ax.plot(t, a, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
+            lines(ax, lambda x, key=key: (x[key], x["test_acc"] * 100)
+                  if x.get("test_acc") is not None and x.get(key) is not None else None)
             ax.set_xlabel(xlabel)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
         axes[0].set_ylabel("test accuracy (%)")
         fig.suptitle(f"{dataset}: accuracy vs training time")
         written.append(_save(fig, out / f"{tag}-accuracy_vs_time.png"))
 
         # bytes read per epoch
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        seen = set()
-        for r in rs:
-            pts = [(x["epoch"], x["bytes_read"] / 1e6) for x in r["records"] if x.get("bytes_read") is not None]
-            if pts:
-                e, b = zip(*pts)
-                ax.plot(e, b, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
         fb = rs[0].get("full_bytes_epoch")
         if fb:
             ax.axhline(fb / 1e6, ls="--", color="gray", lw=1, label="full dataset payload")
+        lines(ax, lambda x: (x["epoch"], x["bytes_read"] / 1e6)
+              if x.get("bytes_read") is not None else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel("MB read")
         ax.set_title(f"{dataset}: bytes read per epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-bytes_per_epoch.png"))
 
         # kept fraction per epoch
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        seen = set()
-        for r in rs:
-            pts = [(x["epoch"], x["kept"] / x["full_samples"]) for x in r["records"]
-                   if x.get("kept") is not None and x.get("full_samples")]
-            if pts:
-                e, k = zip(*pts)
-                ax.plot(e, k, "-o", ms=3, color=col[(r["policy"], r["keep"])], alpha=0.8, label=label(r, seen))
+        lines(ax, lambda x: (x["epoch"], x["kept"] / x["full_samples"])
+              if x.get("kept") is not None and x.get("full_samples") else None)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("epoch")
         ax.set_ylabel("kept fraction of the dataset")
         ax.set_title(f"{dataset}: kept fraction per epoch")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
         written.append(_save(fig, out / f"{tag}-kept_fraction.png"))
 
         # score (per-sample training loss) distribution at the last epoch, first seed of each group
