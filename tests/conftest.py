@@ -15,6 +15,7 @@ pipeline.open_dataset(path)); each fixture returns the output directory (Path):
     cifar_test_wds   CIFAR-10 JPEG test split, 1000 samples, WebDataset, 250 per shard
     fmnist_wds       Fashion-MNIST train (IDX), 2000 samples, WebDataset PNG (1 channel),
                      500 per shard
+    fmnist_test_wds  Fashion-MNIST test split, 1000 samples, WebDataset PNG, one shard
 """
 from __future__ import annotations
 
@@ -97,3 +98,9 @@ def cifar_test_wds(cifar_jpeg_root, tmp_path_factory) -> Path:
 def fmnist_wds(fmnist_dir, tmp_path_factory) -> Path:
     return _convert(fmnist_dir, tmp_path_factory.mktemp("fmnist_wds"), split="train",
                     format="wds", limit=SUBSET, samples_per_shard=500, seed=0)
+
+
+@pytest.fixture(scope="session")
+def fmnist_test_wds(fmnist_dir, tmp_path_factory) -> Path:
+    return _convert(fmnist_dir, tmp_path_factory.mktemp("fmnist_test_wds"), split="test",
+                    format="wds", limit=1000, seed=0)

@@ -21,14 +21,10 @@ BS = 50
 
 
 @pytest.fixture(scope="module")
-def data(fmnist_wds, fmnist_dir, tmp_path_factory) -> tuple[Path, Path]:
-    """(train: the shared 2000-sample Fashion-MNIST fixture, test: 300 test-split samples)."""
+def data(fmnist_wds, fmnist_test_wds) -> tuple[Path, Path]:
+    """(train: the shared 2000-sample Fashion-MNIST fixture, test: 1000 test-split samples)."""
     pytest.importorskip("pipeline.loader")
-    from pipeline.formats import convert
-
-    test = tmp_path_factory.mktemp("fmnist-ddp-test")
-    convert(fmnist_dir, test, format="wds", split="test", limit=300, progress=False)
-    return Path(fmnist_wds), test
+    return Path(fmnist_wds), Path(fmnist_test_wds)
 
 
 def _torchrun(data: tuple[Path, Path], out: Path, *extra: str) -> subprocess.CompletedProcess:

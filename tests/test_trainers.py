@@ -92,14 +92,10 @@ def test_optimizers_reduce_loss(name: str) -> None:
 # ---------------------------------------------------------------- end to end (real data)
 
 @pytest.fixture(scope="module")
-def fmnist_small(fmnist_wds, fmnist_dir, tmp_path_factory) -> tuple[Path, Path]:
+def fmnist_small(fmnist_wds, fmnist_test_wds) -> tuple[Path, Path]:
     """(train: the shared 2000-sample fixture, test: 1000 samples of the test split)."""
     pytest.importorskip("pipeline.loader")
-    from pipeline.formats import convert
-
-    test = tmp_path_factory.mktemp("fmnist-test")
-    convert(fmnist_dir, test, format="wds", split="test", limit=1000, progress=False)
-    return Path(fmnist_wds), test
+    return Path(fmnist_wds), Path(fmnist_test_wds)
 
 
 @pytest.fixture(scope="module")
