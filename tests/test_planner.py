@@ -199,7 +199,8 @@ def test_epoch_planner_steps_known_up_front_and_planning_is_pure():
         scores.update(flat(plan), rng.random(plan.num_planned))    # pending: must not change the plan
         assert planner.plan(epoch).digest == again.digest == plan.digest
     assert schedule[0] == schedule[7] == (n // 2) // 32             # warm-up and annealing: full
-    assert schedule[3] == (budget(0.6, n) // 2) // 32
+    assert schedule[3] == (budget((0.6 * 8 - 2) / 6, n) // 2) // 32  # pruned epochs pay for the full ones
+    assert sum(schedule) * 32 * 2 <= 0.6 * n * 8
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -58,7 +58,25 @@ def test_every_policy_gives_k_and_announces_it(name):
         assert out.p.sum() == pytest.approx(k, abs=1e-6)
         if out.hard:
             assert set(np.unique(out.p)) <= {0.0, 1.0}
-    assert pol.num_selected(N, 3) == (N if name == "full" else budget(0.7, N))
+    # swdpp spreads its budget over the run: its pruned epochs pay for its full warm-up epoch
+    k3 = N if name == "full" else budget((0.7 * 10 - 2) / 8 if name == "swdpp" else 0.7, N)
+    assert pol.num_selected(N, 3) == k3
+
+
+def test_swdpp_run_budget_pays_for_the_full_epochs():
+    for epochs, warmup in ((4, 1), (10, 1), (16, 2), (30, 1)):
+        pol = get_policy("swdpp", keep=0.7, epochs=epochs, warmup=warmup)
+        total = sum(pol.num_selected(N, e) for e in range(epochs))
+        assert total == pytest.approx(0.7 * N * epochs, abs=epochs)   # rounding: < 1 sample per epoch
+        assert pol.num_selected(N, 0) == N
+    per_epoch = get_policy("swdpp", keep=0.7, epochs=10, budget="epoch")
+    assert [per_epoch.num_selected(N, e) for e in range(10)] == [N] + [budget(0.7, N)] * 8 + [N]
+    # without a known run length the full epochs cannot be paid for: they come on top
+    assert get_policy("swdpp", keep=0.7).num_selected(N, 3) == budget(0.7, N)
+    with pytest.raises(ValueError, match="leaves nothing for the pruned epochs"):
+        get_policy("swdpp", keep=0.3, epochs=3)                      # 0.9 epochs < 1 warm-up epoch
+    with pytest.raises(ValueError, match="budget"):
+        get_policy("swdpp", keep=0.7, epochs=3, budget="total")
 
 
 def test_budget_rounds_half_up():
@@ -82,7 +100,7 @@ def test_capped_probabilities_floor_cap_and_exact_sum():
 
 
 def test_swdpp_probabilities_weights_and_mixup():
-    pol = get_policy("swdpp", keep=0.7, epochs=20, p_min=0.1)
+    pol = get_policy("swdpp", keep=0.7, epochs=20, p_min=0.1, budget="epoch")
     s = trained_scores()
     out = pol(s, 5, rng())
     k = budget(0.7, N)
@@ -99,7 +117,7 @@ def test_swdpp_probabilities_weights_and_mixup():
     np.testing.assert_allclose(out.mixup, 0.3 * (1 - out.p) / 0.9, rtol=1e-5, atol=1e-7)
     assert out.mixup.max() <= 0.3                                       # (1 - keep) at p_min
     # heavier pruning -> more mixup for the same sample
-    heavier = get_policy("swdpp", keep=0.4, epochs=20, p_min=0.1)(s, 5, rng())
+    heavier = get_policy("swdpp", keep=0.4, epochs=20, p_min=0.1, budget="epoch")(s, 5, rng())
     assert heavier.mixup.mean() > out.mixup.mean()
 
 
