@@ -152,7 +152,8 @@ class Loader:
         mixup: probabilistic mixup with the plan's per-sample probabilities;
             mixup_alpha: Beta(alpha, alpha) for lambda.
         world_size, rank: default from torch.distributed when initialized.
-        num_workers: reader processes (DALI ``py_num_workers`` / DataLoader workers).
+        num_workers: reader processes (DALI ``py_num_workers`` / DataLoader workers); 0
+            reads in the main process (DALI: a plain, non-parallel ``external_source``).
         drop_last: drop the last partial batch instead of padding it (training only).
         on_corrupt: ``"skip"`` (warn, count, deliver as padding) or ``"raise"``.
         merge_gap: reader merge setting (bytes or ``"neighbors"``; default per storage).
