@@ -137,10 +137,40 @@ def wds_dataloader(shards, batch, workers):
     return run
 
 
+def _cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            p = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # exited meanwhile: counted by RUSAGE_CHILDREN once reaped
+        return 0.0
+    return (int(p[11]) + int(p[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> tuple[float, dict]:
+    """CPU seconds of this process, its reaped children and (per pid) its live children."""
+    import resource
+    kids = {}
+    for t in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            with open(t) as f:
+                pids = f.read().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for pid in pids:
+            kids[int(pid)] = _cpu_of(int(pid))
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return _cpu_of(os.getpid()) + ru.ru_utime + ru.ru_stime, kids
+
+
 def timed(run):
+    """(images, seconds, stats, CPU seconds of every process involved)."""
+    c0, k0 = cpu_seconds()
     t = time.perf_counter()
     n, st = run()
-    return n, time.perf_counter() - t, st
+    dt = time.perf_counter() - t
+    c1, k1 = cpu_seconds()
+    cpu = c1 - c0 + sum(v - k0.get(p, 0.0) for p, v in k1.items())
+    return n, dt, st, cpu
 
 
 def main(argv=None) -> dict:
@@ -153,7 +183,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per row (best kept)")
     ap.add_argument("--samples-per-shard", type=int, default=5000)
-    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: wds dali_reader torch direct one_worker")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: wds dali_reader torch direct one_worker zero_workers")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -205,6 +235,9 @@ def main(argv=None) -> dict:
     if "one_worker" not in args.skip:
         add("Loader dali keep=1.0, 1 worker",
             lambda: our_loader(ds, 1.0, "dali", args.batch, 1, args.threads))
+    if "zero_workers" not in args.skip:
+        add("Loader dali keep=1.0, 0 workers (reads in the main process)",
+            lambda: our_loader(ds, 1.0, "dali", args.batch, 0, args.threads))
     if "torch" not in args.skip:
         add("Loader torch keep=1.0",
             lambda: our_loader(ds, 1.0, "torch", args.batch, args.workers, args.threads))
@@ -232,8 +265,9 @@ def main(argv=None) -> dict:
             if best[j] is None or r[1] < best[j][1]:
                 best[j] = r
     rows = []
-    for (name, _, keep, requested), (n, s, st), c in zip(specs, best, cold):
+    for (name, _, keep, requested), (n, s, st, cpu), c in zip(specs, best, cold):
         row = dict(name=name, keep=keep, images=n, seconds=s, images_per_s=n / s,
+                   cpu_us_per_image=1e6 * cpu / n,
                    requested_bytes=(st.bytes_read if st else requested),
                    requests=(st.requests if st else None), device_bytes=c)
         rows.append(row)
@@ -241,12 +275,13 @@ def main(argv=None) -> dict:
 
     base = {r["name"]: r for r in rows}
     full = base["Loader dali keep=1.0"]
-    print("\n| pipeline | images | s/epoch | images/s | bytes requested (MB) | "
+    print("\n| pipeline | images | s/epoch | images/s | CPU us/image | bytes requested (MB) | "
           "block-device bytes, cold (MB) | vs Loader keep 1.0 (time / bytes) |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         req = r["requested_bytes"]
         print(f"| {r['name']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.0f} | "
+              f"{r['cpu_us_per_image']:.1f} | "
               f"{req / 1e6 if req else float('nan'):.1f} | {r['device_bytes'] / 1e6:.1f} | "
               f"{r['seconds'] / full['seconds']:.2f} / "
               f"{(req or 0) / full['requested_bytes']:.2f} |")
@@ -255,6 +290,8 @@ def main(argv=None) -> dict:
     k7 = base["Loader dali keep=0.7"]
     targets = {
         "keep1_vs_dali_reader>=0.9": (full["images_per_s"] / dr["images_per_s"]) if dr else None,
+        "keep1_cpu_per_image_dali_reader/loader": (dr["cpu_us_per_image"] / full["cpu_us_per_image"])
+                                                   if dr else None,
         "keep1_vs_wds_dataloader>=1.5": (full["images_per_s"] / wd["images_per_s"]) if wd else None,
         "keep0.7_time_ratio<=0.75": k7["seconds"] / full["seconds"],
         "keep0.7_bytes_ratio<=0.71": k7["requested_bytes"] / full["requested_bytes"],
