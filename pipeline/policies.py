@@ -277,7 +277,7 @@ class SwDPPPolicy(Policy):
 
     name = "swdpp"
 
-    def __init__(self, keep=0.7, epochs=None, *, temperature: float = 1.0, p_min: float | None = None,
+    def __init__(self, keep=0.7, epochs=None, *, temperature: float = 2.0, p_min: float | None = None,
                  std_coef: float = 0.5, max_weight: float | None = None, mixup: float = 1.0,
                  warmup: int = 1, anneal: int | None = None, budget: str = "run"):
         super().__init__(keep, epochs)
