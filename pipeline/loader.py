@@ -32,7 +32,7 @@ import torch
 from .augment import get_augment
 from .mixup import MixInfo, apply_mixup, draw_mixup, mixup_cross_entropy, score_update
 from .reader import (FLAG_CORRUPT, FLAG_PAD, PlannedSource, RangeReader, cancel_table,
-                     file_order_rank, publish_table)
+                     file_order_rank, is_url, publish_table)
 from .stats import EpochStats
 
 STATE_VERSION = 1
@@ -154,6 +154,9 @@ class Loader:
         world_size, rank: default from torch.distributed when initialized.
         num_workers: reader processes (DALI ``py_num_workers`` / DataLoader workers); 0
             reads in the main process (DALI: a plain, non-parallel ``external_source``).
+            Default: 0 for the DALI backend on a CPU-only device reading local files (no
+            inter-process hand-off: measured fastest on 2 cores, docs/benchmarks.md),
+            else 2 (keeps I/O latency and reading off the training thread).
         drop_last: drop the last partial batch instead of padding it (training only).
         on_corrupt: ``"skip"`` (warn, count, deliver as padding) or ``"raise"``.
         merge_gap: reader merge setting (bytes or ``"neighbors"``; default per storage).
@@ -170,7 +173,7 @@ class Loader:
     def __init__(self, ds, batch_size: int, keep: float = 1.0, policy: str = "swdpp",
                  epochs: int = 1, seed: int = 0, backend: str = "dali", device: str | None = None,
                  augment: str | None = "cifar", mixup: bool = False, mixup_alpha: float = 1.0,
-                 world_size: int | None = None, rank: int | None = None, num_workers: int = 2,
+                 world_size: int | None = None, rank: int | None = None, num_workers: int | None = None,
                  policy_kwargs: dict | None = None, window: int = 4, drop_last: bool = False,
                  on_corrupt: str = "skip", merge_gap: int | str | None = None, train: bool = True,
                  verify_crc: bool = True, verify_files: str | None = "size",
@@ -194,6 +197,9 @@ class Loader:
         self.mixup = bool(mixup) and self.train
         self.mixup_alpha = float(mixup_alpha)
         self.world_size, self.rank = _dist_defaults(world_size, rank)
+        if num_workers is None:
+            local = not (ds.files and is_url(ds.files[0]))
+            num_workers = 0 if (backend == "dali" and not self.gpu and local) else 2
         self.num_workers = int(num_workers)
         self.drop_last = bool(drop_last) and self.train
         self.on_corrupt = on_corrupt
