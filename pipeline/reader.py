@@ -278,7 +278,6 @@ class RangeReader:
         c.seconds += time.perf_counter() - t0
         return out
 
-
     def read_into(self, file: np.ndarray, offset: np.ndarray, length: np.ndarray,
                   out: np.ndarray, rows: np.ndarray, ids: np.ndarray | None = None) -> None:
         """Read range ``j`` into ``out[rows[j], :length[j]]`` (``out``: uint8 [B, L]).
@@ -459,7 +458,7 @@ class PlannedSource:
         return int(h[1]), int(h[2]), int(h[3]), int(h[4]), int(h[5])
 
     def batch(self, k: int, i: int):
-        """Batch ``i`` of table ``k``: (payload, meta int64[B,8], params float32[B,5]).
+        """Batch ``i`` of table ``k``: (payload, meta int64[B,9], params float32[B,5]).
 
         ``payload`` is a list of per-sample arrays, or with ``packed_len`` one uint8
         ``[B, packed_len]`` array, each row a sample's bytes followed by zeros (read in
