@@ -70,6 +70,11 @@ class ReadCounters:
         self.samples += int(a[0]); self.bytes += int(a[1]); self.payload += int(a[2])
         self.requests += int(a[3]); self.seconds += float(a[4]) / 1e9
 
+    def add(self, samples: int, payload: int, transferred: int, requests: int, seconds: float) -> None:
+        """Count one read call."""
+        self.samples += samples; self.payload += payload; self.bytes += transferred
+        self.requests += requests; self.seconds += seconds
+
     def reset(self) -> None:
         self.samples = self.bytes = self.payload = self.requests = 0
         self.seconds = 0.0
@@ -270,12 +275,8 @@ class RangeReader:
                 raise ShardError(f"short read from {self.files[int(g_file[g])]} at "
                                  f"{int(starts_sorted[k])}: got {len(blob) - a} of {b - a} bytes")
             out[order[k]] = memoryview(blob)[a:b]
-        c = self.counters
-        c.samples += len(file)
-        c.payload += int(length.sum())
-        c.bytes += int((g_end - g_start).sum())
-        c.requests += len(g_file)
-        c.seconds += time.perf_counter() - t0
+        self.counters.add(len(file), int(length.sum()), int((g_end - g_start).sum()), len(g_file),
+                          time.perf_counter() - t0)
         return out
 
     def read_into(self, file: np.ndarray, offset: np.ndarray, length: np.ndarray,
@@ -305,12 +306,8 @@ class RangeReader:
             got = os.preadv(fds[f], [out[r, :n]], s)
             if got != n:
                 raise ShardError(f"short read from {self.files[f]} at {s}: got {got} of {n} bytes")
-        c = self.counters
-        c.samples += len(file)
-        c.payload += int(length.sum())
-        c.bytes += int(length.sum())
-        c.requests += len(file)
-        c.seconds += time.perf_counter() - t0
+        n = int(length.sum())
+        self.counters.add(len(file), n, n, len(file), time.perf_counter() - t0)
 
 
 def logical_block_size(path: str) -> int:
