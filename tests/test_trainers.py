@@ -197,3 +197,25 @@ def test_eval_loader_normalises_like_training(cifar_wds, cifar_test_wds) -> None
     assert tr.spec.train and not ev.spec.train
     x = next(iter(ev.epoch(0))).images
     assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 2.0, "normalised inputs"
+
+
+def test_bench_train_time_interleaves_the_trainers_epochs(fmnist_small, e2e_runs, tmp_path: Path) -> None:
+    """benchmarks/bench_train_time.py trains each policy exactly as the trainer does (same plan,
+    same samples), only with the policies' epochs alternating."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_train_time", Path(__file__).parents[1] / "benchmarks" /
+                                                  "bench_train_time.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    train, _ = fmnist_small
+    out = tmp_path / "tt.json"
+    assert bench.main(["--data", str(train), "--policies", "full", "uniform", "swdpp", "--keep", "0.7",
+                       "--epochs", "2", "--out", str(out), "--", "--batch-size", "64", "--width", "8",
+                       "--workers", "0", "--backend", "torch", "--device", "cpu", "--warmup-epochs", "0.3"]) == 0
+    res = {r["policy"]: r for r in json.loads(out.read_text())["runs"]}
+    assert res["full"]["wall_ratio"] == 1.0 and all(r["wall_s"] > 0 and r["cpu_s"] > 0 for r in res.values())
+    for policy, r in res.items():
+        recs = [json.loads(line) for line in (e2e_runs[policy] / "metrics.jsonl").read_text().splitlines()]
+        assert r["epoch_samples"] == [x["samples_read"] for x in recs], policy
+    assert res["uniform"]["samples"] < res["full"]["samples"]

@@ -253,6 +253,52 @@ def _batch_loss(batch, logits: torch.Tensor, label_smoothing: float) -> torch.Te
     return batch.loss(logits)
 
 
+def build_training(args, ds, loader, device: torch.device, world_size: int = 1):
+    """Model, optimizer and LR schedule for ``args`` (the classify options) on ``ds``.
+
+    Returns ``(model, raw_model, opt, sched, steps, lr)``: ``model`` is what the step calls
+    (compiled and/or DDP-wrapped), ``raw_model`` the plain module (checkpoints, evaluation),
+    ``steps`` the loader's known steps per epoch, over which the schedule is laid out.
+    """
+    in_ch = int(ds.channels or 3)
+    model = build_model(args.model, len(ds.classes), in_ch, seed=args.seed, width=args.width).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model
+    if args.compile:
+        model = torch.compile(model)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    steps = [int(loader.steps_per_epoch(e)) for e in range(args.epochs)]
+    global_bs = args.batch_size * world_size
+    lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.1 * global_bs / 128)
+    opt = build_optimizer(args.optimizer, raw_model, lr, args.momentum, args.weight_decay)
+    sched = make_scheduler(opt, steps, args.warmup_epochs, args.schedule)
+    return model, raw_model, opt, sched, steps, lr
+
+
+def train_step(model: nn.Module, batch, opt, sched, loader, device: torch.device, amp: bool,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on a planned batch: weighted (mixup-aware) loss, backward, optimizer and
+    schedule step, per-sample losses reported to the loader. Returns (losses, weights)."""
+    x = batch.images
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    losses = _batch_loss(batch, logits.float(), label_smoothing)
+    w = batch.weights.to(losses.dtype)
+    (losses * w).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+    det = losses.detach()
+    loader.update(batch.ids, det)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # so that the caller's timer measures the step
+    return det, w
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device, amp: bool) -> dict:
     """Top-1 accuracy and mean CE over every sample of ``loader`` (one pass, no pruning)."""
@@ -309,20 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         test_loader = _make_loader(pipeline.open_dataset(args.test_data), args, 1, 0, args.device, train=False)
 
     in_ch = int(ds.channels or 3)
-    model = build_model(args.model, len(ds.classes), in_ch, seed=args.seed, width=args.width).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    steps = [int(loader.steps_per_epoch(e)) for e in range(args.epochs)]
-    global_bs = args.batch_size * world_size
-    lr = args.lr if args.lr is not None else (2e-3 if args.optimizer == "adamw" else 0.1 * global_bs / 128)
-    opt = build_optimizer(args.optimizer, raw_model, lr, args.momentum, args.weight_decay)
-    sched = make_scheduler(opt, steps, args.warmup_epochs, args.schedule)
+    model, raw_model, opt, sched, steps, lr = build_training(args, ds, loader, device, world_size)
 
     # ---- resume
     ck_dir = out / "ckpt"
@@ -385,21 +418,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 except StopIteration:
                     break
                 t1 = time.perf_counter()
-                x = batch.images
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    logits = model(x)
-                losses = _batch_loss(batch, logits.float(), args.label_smoothing)
-                w = batch.weights.to(losses.dtype)
-                (losses * w).mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sched.step()
-                det = losses.detach()
-                loader.update(batch.ids, det)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
+                det, w = train_step(model, batch, opt, sched, loader, device, amp, args.label_smoothing)
                 t2 = time.perf_counter()
                 valid = (w > 0)
                 lv = det[valid].float().cpu().numpy()
