@@ -29,11 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    from tools.compare import split_trainer_args
+
+    argv, extra = split_trainer_args(argv)
     p = argparse.ArgumentParser(description="Side-by-side training time of pruning policies (epochs interleaved).")
     p.add_argument("--data", required=True, help="training dataset (tools/shard.py output)")
     p.add_argument("--policies", nargs="+", default=["full", "swdpp", "uniform"],

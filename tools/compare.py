@@ -26,12 +26,17 @@ def run_dir(runs: Path, policy: str, keep: float, seed: int) -> Path:
     return runs / f"{policy}-k{1.0 if policy == 'full' else keep:g}-s{seed}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def split_trainer_args(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    """(own arguments, arguments after ``--`` that go to every training run)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv, extra = split_trainer_args(argv)
     p = argparse.ArgumentParser(description="Train full/swdpp/uniform/infobatch (or any policies) at the same keep "
                                             "ratio for several seeds, then write the savings report.")
     p.add_argument("--data", required=True, help="training dataset (tools/shard.py output)")
