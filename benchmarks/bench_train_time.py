@@ -10,9 +10,8 @@ ratio. Here every policy has its own loader, model, optimizer and schedule (buil
 every policy runs before epoch ``e + 1`` of any, in an order that rotates each epoch, so a
 slow minute falls on all of them alike. What it prints is training time only (data wait +
 compute, no evaluation): per policy the total wall and CPU seconds, samples, steps and the
-ratios to the first policy. Accuracy is not measured
-here (run the trainer for that); the models are trained for real so that score-driven
-policies see real losses. Options after ``--`` go to every policy's trainer options
+ratios to the first policy. Accuracy is not measured here (run the trainer for that); the
+models are trained for real so that score-driven policies see real losses. Options after ``--`` go to every policy's trainer options
 (``python -m trainers.classify --help``).
 """
 from __future__ import annotations
@@ -45,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import pipeline
-    from trainers.classify import build_parser, build_training, cpu_seconds, resolve_augment, train_step, _make_loader
+    from trainers.classify import build_parser, build_training, cpu_seconds, train_step, _make_loader
 
     ds = pipeline.open_dataset(a.data)
     runs = []
@@ -55,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)
-        args.augment = resolve_augment(args.augment, ds)
         loader = _make_loader(ds, args, 1, 0, args.device, train=True)
         model, _, opt, sched, steps, _ = build_training(args, ds, loader, device)
         amp = args.amp if args.amp is not None else device.type == "cuda"
