@@ -17,9 +17,10 @@ import tracemalloc
 
 import numpy as np
 
-from pipeline.planner import make_plan, rng_for, STREAM_POLICY
-from pipeline.policies import get_policy
-from pipeline.scores import Scores
+from pipeline.plan.planner import make_plan
+from pipeline.plan.policies import get_policy
+from pipeline.plan.scores import Scores
+from pipeline.streams import Stream, rng
 
 
 def setup(n: int, shard: int, seed: int = 0):
@@ -27,10 +28,10 @@ def setup(n: int, shard: int, seed: int = 0):
     file = (ids // shard).astype(np.uint32)
     offset = ((ids % shard) * 2048 + 512).astype(np.uint64)
     del ids
-    rng = np.random.default_rng(seed)
+    gen = np.random.default_rng(seed)
     s = Scores(n)
-    s.ema[:] = rng.lognormal(-1, 1, n)
-    s.var[:] = rng.random(n, np.float32)
+    s.ema[:] = gen.lognormal(-1, 1, n)
+    s.var[:] = gen.random(n, np.float32)
     s.count[:] = 1
     s.last_epoch[:] = 0
     return file, offset, s
@@ -44,7 +45,7 @@ def cmd_time(a):
         tp, tm, td = [], [], []
         for rep in range(a.repeat):
             t0 = time.perf_counter()
-            out = pol(s, 3 + rep, rng_for(0, 3 + rep, STREAM_POLICY))
+            out = pol(s, 3 + rep, rng(0, 3 + rep, Stream.POLICY))
             t1 = time.perf_counter()
             plan = make_plan(out, seed=0, epoch=3 + rep, file=file, offset=offset, order=None, window=a.window)
             t2 = time.perf_counter()
@@ -61,7 +62,7 @@ def cmd_memory(a):
         pol = get_policy("swdpp", keep=a.keep, epochs=10)
         tracemalloc.start()
         base = tracemalloc.get_traced_memory()[0]
-        out = pol(s, 3, rng_for(0, 3, STREAM_POLICY))
+        out = pol(s, 3, rng(0, 3, Stream.POLICY))
         policy_peak = tracemalloc.get_traced_memory()[1] - base
         out_bytes = out.p.nbytes + out.weight.nbytes + out.mixup.nbytes
         tracemalloc.reset_peak()
@@ -102,7 +103,7 @@ def cmd_locality(a):
     for n, shard, classes in ((50_000, 1000, 10), (1_000_000, 10_000, 100)):
         file, offset, s = setup(n, shard)
         label = (np.arange(n) * classes // n).astype(np.int32)   # class-sorted shards
-        out = get_policy("swdpp", keep=a.keep, epochs=10)(s, 3, rng_for(0, 3, STREAM_POLICY))
+        out = get_policy("swdpp", keep=a.keep, epochs=10)(s, 3, rng(0, 3, Stream.POLICY))
         print(f"N={n:,}, {n // shard} shards of {shard}, {classes} classes sorted by class, "
               f"keep {a.keep}, batch {a.batch}")
         print(f"{'window':>7} {'run length':>11} {'per read':>9} {'labels/batch':>13} {'shards/batch':>13}")

@@ -9,14 +9,15 @@ import sys
 import numpy as np
 import torch.distributed as dist
 
-from pipeline.distributed import check_plan_digest, rank_and_world
-from pipeline.planner import EpochPlanner
-from pipeline.policies import get_policy
-from pipeline.scores import Scores
+from pipeline.plan.distributed import check_plan_digest, dist_env
+from pipeline.plan.planner import EpochPlanner
+from pipeline.plan.policies import get_policy
+from pipeline.plan.scores import Scores
 
 out_dir = sys.argv[1]
 dist.init_process_group("gloo")
-rank, world = rank_and_world()
+env = dist_env()
+rank, world = env.rank, env.world_size
 n = 3000
 file = (np.arange(n) // 250).astype(np.uint32)
 offset = (np.arange(n) % 250 * 1024).astype(np.uint64)

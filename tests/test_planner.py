@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.planner import (EpochPlanner, make_plan, num_steps, sampling_order, select,
-                              worker_batches)
-from pipeline.policies import PolicyOutput, budget, capped_probabilities, get_policy
-from pipeline.scores import Scores
+from pipeline.plan.planner import EpochPlanner, make_plan, num_steps, worker_batches
+from pipeline.plan.policies import PolicyOutput, budget, capped_probabilities, get_policy
+from pipeline.plan.sampling import sampling_order, select
+from pipeline.plan.scores import Scores
 
 
 def manifest(sizes, shuffled=False, seed=0):
@@ -106,8 +106,8 @@ def test_inclusion_frequencies_match_p_blocked_order():
 
 @pytest.mark.parametrize("chunk", [1, 2, 32])
 def test_sampling_order_is_a_permutation_wherever_the_tail_lands(monkeypatch, chunk):
-    import pipeline.planner as planner
-    monkeypatch.setattr(planner, "_CHUNK_BLOCKS", chunk)
+    import pipeline.plan.sampling as sampling
+    monkeypatch.setattr(sampling, "_CHUNK_BLOCKS", chunk)
     for n in (4 * 65536, 4 * 65536 + 777):
         for seed in range(12):                     # the tail's position is random in 0..4
             order = sampling_order(n, np.random.default_rng(seed))
@@ -205,9 +205,9 @@ def test_epoch_planner_steps_known_up_front_and_planning_is_pure():
 
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
-    from pipeline.planner import EpochPlanner
-    from pipeline.policies import get_policy
-    from pipeline.scores import Scores
+    from pipeline.plan.planner import EpochPlanner
+    from pipeline.plan.policies import get_policy
+    from pipeline.plan.scores import Scores
     d = sys.argv[1]
     state = torch.load(d + "/state.pt", weights_only=True)
     file, offset = np.load(d + "/file.npy"), np.load(d + "/offset.npy")

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from pipeline.policies import POLICIES, budget, capped_probabilities, get_policy
-from pipeline.scores import Scores
+from pipeline.plan.policies import POLICIES, budget, capped_probabilities, get_policy
+from pipeline.plan.scores import Scores
 
 N = 2000
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.scores import Scores
+from pipeline.plan.scores import Scores
 
 
 def test_first_update_sets_ema_then_ema_and_variance_follow_the_formula():

@@ -70,6 +70,7 @@ class Scores:
 
     @property
     def num_pending(self) -> int:
+        """Losses buffered by `update` and not yet applied by `sync`."""
         return sum(len(i) for i, _, _ in self._pending)
 
     # -- updates -------------------------------------------------------------------------

@@ -1,15 +1,27 @@
 """Small torch.distributed helpers (no-ops when torch.distributed is not initialized).
 
-torch is imported lazily so that the planner stays importable and cheap without it.
-Collectives run on CPU tensors for gloo and on the current CUDA device for NCCL.
+`dist_env()` is the one answer to "which process am I": the loader, the trainer and the
+tests all ask it. torch is imported lazily so that the planner stays importable and cheap
+without it. Collectives run on CPU tensors for gloo and on the current CUDA device for NCCL.
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["is_initialized", "rank_and_world", "all_gather_varlen", "check_plan_digest"]
+__all__ = ["DistEnv", "dist_env", "is_initialized", "all_gather_varlen", "check_plan_digest"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """This process's place in the job: global rank, number of ranks, rank on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
 
 
 def _dist():
@@ -21,13 +33,39 @@ def _dist():
 
 
 def is_initialized() -> bool:
+    """True when torch.distributed is available and its process group is initialized."""
     return _dist() is not None
 
 
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world_size); (0, 1) without torch.distributed."""
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def dist_env() -> DistEnv:
+    """Rank, world size and local rank of this process.
+
+    From torch.distributed when its process group is initialized; else from the variables
+    torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK), so a trainer can place itself before it
+    initializes the group; else a single process (0, 1, 0). torch.distributed has no
+    portable notion of a node, so the local rank always comes from LOCAL_RANK (0 if unset).
+    """
+    local_rank = _env_int("LOCAL_RANK", 0)
     dist = _dist()
-    return (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
+    if dist is not None:
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"inconsistent distributed environment: rank {rank}, world size {world_size}, "
+                         f"local rank {local_rank} (need world_size >= 1, 0 <= rank < world_size, "
+                         "local_rank >= 0)")
+    return DistEnv(int(rank), int(world_size), int(local_rank))
 
 
 def _device():

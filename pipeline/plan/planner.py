@@ -4,34 +4,40 @@ Pure numpy and deterministic: the plan depends only on (PolicyOutput, seed, epoc
 file/offset columns, world_size, window, pad), never on the rank, so every rank computes the
 same global plan and takes its own row. Steps (docs/algorithm.md, "The planner"):
 
-1. selection: systematic PPS sampling over a random order -> exactly K ids, P(i) = p_i;
+1. selection (`sampling.select`): systematic PPS sampling -> exactly K ids, P(i) = p_i;
 2. order: shards in a seeded random order, grouped into windows of `window` shards; inside a
    window the shards' samples are randomly interleaved, each shard's samples in byte order;
 3. slicing: the ordered list is cut into `world_size` equal contiguous rows (remainder padded
    with id -1 / weight 0, or dropped with pad=False).
 
-Random streams: numpy Generator(PCG64(SeedSequence([seed, epoch, stream]))), stream constants
-below; global RNGs are never touched.
+`eval_plan` is the evaluation counterpart: every sample once, in byte order, through the same
+slicing. Random streams: `pipeline.streams.rng` with Stream.POLICY / SELECT / ORDER; global
+RNGs are never touched.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from .policies import Policy, PolicyOutput
+from ..formats.layout import byte_order
+from ..streams import Stream, rng
+from .policies.base import Policy, PolicyOutput
+from .sampling import check_probabilities, select
 from .scores import Scores
 
-__all__ = ["Plan", "make_plan", "num_steps", "EpochPlanner", "select", "sampling_order", "shard_order",
-           "byte_order", "worker_batches", "rng_for"]
-
-STREAM_POLICY, STREAM_SELECT, STREAM_ORDER = 1, 2, 3
+__all__ = ["Plan", "RankPlan", "make_plan", "eval_plan", "num_steps", "EpochPlanner", "shard_order",
+           "worker_batches"]
 
 
-def rng_for(seed: int, epoch: int, stream: int, *extra: int) -> np.random.Generator:
-    """Independent generator for (seed, epoch, stream, *extra)."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), int(epoch), stream, *extra])))
+class RankPlan(NamedTuple):
+    """One rank's row of a plan, in reading order (-1 / 0 / 0 on padding)."""
+
+    ids: np.ndarray
+    weights: np.ndarray
+    mixup: np.ndarray
 
 
 @dataclass
@@ -40,7 +46,7 @@ class Plan:
 
     ids int64 (-1 = padding), weights float32 (0 for padding), mixup float32 (0 for
     padding). `num_selected` is K (drawn samples); `num_planned` the real entries kept
-    (K, or fewer with pad=False).
+    (K, or fewer with pad=False). `window` 0 marks an evaluation plan (plain byte order).
     """
 
     epoch: int
@@ -54,21 +60,24 @@ class Plan:
 
     @property
     def world_size(self) -> int:
+        """Number of rows (ranks)."""
         return self.ids.shape[0]
 
     @property
     def per_rank(self) -> int:
+        """Entries per rank, padding included."""
         return self.ids.shape[1]
 
     @property
     def num_planned(self) -> int:
+        """Real (non-padding) entries over all ranks."""
         return int(np.count_nonzero(self.ids >= 0))
 
-    def rank(self, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def rank(self, r: int) -> RankPlan:
         """(ids, weights, mixup) of rank r, in reading order."""
         if not 0 <= r < self.world_size:
             raise ValueError(f"rank {r} out of range for world_size {self.world_size}")
-        return self.ids[r], self.weights[r], self.mixup[r]
+        return RankPlan(self.ids[r], self.weights[r], self.mixup[r])
 
     @property
     def digest(self) -> str:
@@ -82,11 +91,16 @@ class Plan:
         return self._digest
 
 
+def _per_rank(k: int, world_size: int, pad: bool) -> int:
+    """Entries per rank for K planned samples: padded up, or the remainder dropped."""
+    return -(-k // world_size) if pad else k // world_size
+
+
 def num_steps(k: int, world_size: int, batch_size: int, drop_last: bool, pad: bool = True) -> int:
     """Optimizer steps per epoch for K planned samples (same on every rank)."""
     if world_size < 1 or batch_size < 1:
         raise ValueError("world_size and batch_size must be >= 1")
-    per_rank = -(-k // world_size) if pad else k // world_size
+    per_rank = _per_rank(k, world_size, pad)
     return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
 
@@ -98,134 +112,7 @@ def worker_batches(num_batches: int, worker: int, num_workers: int) -> np.ndarra
     return np.arange(worker, num_batches, num_workers)
 
 
-# -- 1. selection ------------------------------------------------------------------------
-def _validate(p: np.ndarray) -> int:
-    if p.ndim != 1 or p.size == 0:
-        raise ValueError(f"p must be a non-empty 1-D array, got shape {p.shape}")
-    lo, hi = float(p.min()), float(p.max())
-    if not (lo >= -1e-9 and hi <= 1 + 1e-9):
-        raise ValueError(f"inclusion probabilities must lie in [0, 1], got [{lo}, {hi}]")
-    total = float(p.sum())
-    k = int(round(total))
-    if abs(total - k) > 1e-6 * max(1.0, total):
-        raise ValueError(f"inclusion probabilities must sum to an integer K, got {total}")
-    return k
-
-
-_BLOCK = 1 << 16   # samples per block of the sampling order (p block of 512 KiB stays in cache)
-_CHUNK_BLOCKS = 32  # blocks processed at once: small, reused work buffers instead of O(N) ones
-
-
-def _order_chunks(n: int, rng: np.random.Generator):
-    """Yield the random sampling order of 0..n-1 in chunks (see `sampling_order`)."""
-    b = _BLOCK
-    nb = n // b
-    if nb < 2:
-        yield rng.permutation(n)
-        return
-    # int32 when ids fit: half the memory traffic of int64. a*x may wrap mod 2^32, which
-    # leaves the low 16 bits (all that "& (b - 1)" keeps) exact.
-    dt = np.int32 if n < 2**31 else np.int64
-    a = (rng.integers(0, b // 2, nb) * 2 + 1).astype(dt)
-    c = rng.integers(0, b, nb).astype(dt)
-    blocks = rng.permutation(nb).astype(dt)
-    tail = n - nb * b
-    at = int(rng.integers(0, nb + 1)) if tail else -1     # tail's place among the blocks
-    tail_perm = (nb * b + rng.permutation(tail)).astype(dt) if tail else None
-    x = np.arange(b, dtype=dt)
-    for lo in range(0, nb, _CHUNK_BLOCKS):
-        hi = min(lo + _CHUNK_BLOCKS, nb)
-        cuts = [(lo, at), None, (at, hi)] if lo <= at < hi else [(lo, hi)]
-        for cut in cuts:
-            if cut is None:                          # the tail goes before block `at`
-                yield tail_perm
-            elif cut[0] < cut[1]:
-                i, j = cut
-                idx = x[None, :] * a[i:j, None]
-                idx += c[i:j, None]
-                idx &= b - 1
-                idx += (blocks[i:j] * b)[:, None]
-                yield idx.reshape(-1)
-    if at == nb:                                     # ... or after the last block
-        yield tail_perm
-
-
-def sampling_order(n: int, rng: np.random.Generator) -> np.ndarray:
-    """A fresh random order of 0..n-1 for systematic sampling, cheap at any n.
-
-    Small n (< 2^17): a uniform random permutation. Large n: blocks of 2^16 consecutive
-    ids are visited in random order, and inside a block the ids follow a random affine
-    permutation x -> (a*x + c) mod 2^16 (a odd): much cheaper than a full permutation
-    because every memory access stays inside one cached block, and it can be produced
-    chunk by chunk. Any order gives exact inclusion probabilities; the randomness only
-    makes which samples are drawn together change from epoch to epoch (the distance in
-    the order between two ids of a block is (y - x) / a mod 2^16, random per epoch).
-    """
-    return np.concatenate(list(_order_chunks(n, rng)))
-
-
-def select(p: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Exactly K = sum(p) ids, sorted, each id i included with probability exactly p_i.
-
-    Systematic PPS: walk the samples in a random order (`sampling_order`), lay their
-    p_i end to end on [0, K) and take the points u + j (j = 0..K-1, u ~ U(0, 1)):
-    sample i is taken iff a point falls in its interval; an interval of length
-    p_i <= 1 holds a point with probability exactly p_i and never two. Runs chunk by
-    chunk with a carried cumulative sum, so its work memory is O(chunk), not O(N).
-    """
-    k = _validate(p)
-    n = p.size
-    if k == n:
-        return np.arange(n, dtype=np.int64)
-    if k == 0:
-        return np.empty(0, np.int64)
-    total = float(np.sum(p, dtype=np.float64))
-    scale = k / total                   # the cumulative sum then ends at K (forced below)
-    u = rng.random()                    # drawn before the order (fixed stream layout)
-    if u == 0.0:
-        u = 0.5
-    mask = np.zeros(n, bool)
-    carry = 0.0                         # running sum of p before this chunk
-    prev = 0.0                          # ceil(scaled cumsum - u) at the end of the last chunk
-    done = 0
-    for idx in _order_chunks(n, rng):
-        cs = np.take(p, idx).astype(np.float64, copy=False)
-        np.clip(cs, 0.0, 1.0, out=cs)
-        np.cumsum(cs, out=cs)
-        cs += carry
-        carry = float(cs[-1])
-        cs *= scale
-        done += idx.size
-        if done == n:
-            cs[-1] = k                  # exact total K despite float rounding
-        cs -= u
-        np.ceil(cs, out=cs)             # number of points u + j below each right end
-        hit = np.empty(cs.size, bool)
-        hit[0] = cs[0] > prev
-        np.greater(cs[1:], cs[:-1], out=hit[1:])
-        prev = float(cs[-1])
-        mask[idx[hit]] = True
-    ids = np.flatnonzero(mask)
-    if ids.size != k:  # only reachable through float rounding of an interval > 1
-        raise RuntimeError(f"systematic sampling drew {ids.size} samples instead of {k}")
-    return ids
-
-
 # -- 2. shard-aware order ----------------------------------------------------------------
-def byte_order(file: np.ndarray, offset: np.ndarray) -> np.ndarray | None:
-    """Permutation sorting ids by (file, offset), or None if ids already are in that order
-    (the converter writes them so; then no sort is needed)."""
-    file = np.asarray(file)
-    offset = np.asarray(offset)
-    if file.size < 2:
-        return None
-    df = np.diff(file.astype(np.int64))
-    same = df == 0
-    if np.all(df >= 0) and np.all(offset[1:][same] > offset[:-1][same]):
-        return None
-    return np.lexsort((offset, file))
-
-
 def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, window: int,
                 out: np.ndarray | None = None) -> np.ndarray:
     """Reorder ids (given in byte order) shard-aware, into `out` (allocated if None).
@@ -268,7 +155,40 @@ def shard_order(ids: np.ndarray, file: np.ndarray, rng: np.random.Generator, win
     return out
 
 
-# -- 3. plan -------------------------------------------------------------------------------
+# -- 3. slicing and plans -----------------------------------------------------------------
+def _slots(k: int, world_size: int, pad: bool) -> tuple[np.ndarray, int]:
+    """(id buffer, entries per rank) for K ordered ids cut into `world_size` equal rows.
+
+    The caller writes its ordered ids into buffer[:K] in place (no second O(K) id array);
+    the rest of the buffer is padding (-1). With pad=False the remainder is dropped later.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    per_rank = _per_rank(k, world_size, pad)
+    return np.full(max(per_rank * world_size, k), -1, np.int64), per_rank
+
+
+def _rows(flat_ids: np.ndarray, k: int, world_size: int, per_rank: int, weight: np.ndarray | float,
+          mixup: np.ndarray | float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The [rank, position] ids / weights / mixup of a filled `_slots` buffer.
+
+    `weight` / `mixup`: per-sample arrays indexed by id, or one value for every real
+    entry; padding gets weight 0 and mixup 0.
+    """
+    total = per_rank * world_size
+    flat_ids = flat_ids[:total]               # pad=False: drop the remainder
+    m = min(k, total)
+    cols = []
+    for src in (weight, mixup):
+        col = np.zeros(total, np.float32)
+        if np.ndim(src) == 0:
+            col[:m] = src
+        else:
+            np.take(src, flat_ids[:m], out=col[:m])
+        cols.append(col.reshape(world_size, per_rank))
+    return flat_ids.reshape(world_size, per_rank), cols[0], cols[1]
+
+
 def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, offset: np.ndarray,
               world_size: int = 1, window: int = 8, pad: bool = True,
               order: np.ndarray | None | str = "auto") -> Plan:
@@ -285,10 +205,10 @@ def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, off
         raise ValueError(f"file/offset have {len(file)}/{len(offset)} rows, probabilities {n}")
     if isinstance(order, str):
         order = byte_order(file, offset)
-    sel_rng = rng_for(seed, epoch, STREAM_SELECT)
+    sel_rng = rng(seed, epoch, Stream.SELECT)
     if out.hard:
         ids = np.flatnonzero(p >= 0.5)
-        if ids.size != _validate(p) or np.count_nonzero((p > 0) & (p < 1)):
+        if ids.size != check_probabilities(p) or np.count_nonzero((p > 0) & (p < 1)):
             raise ValueError("a hard policy output must hold only 0 and 1 probabilities")
     else:
         ids = select(p, sel_rng)
@@ -299,20 +219,28 @@ def make_plan(out: PolicyOutput, *, seed: int, epoch: int, file: np.ndarray, off
         inv[order] = np.arange(n)
         inv_mask[inv[ids]] = True
         ids = order[np.flatnonzero(inv_mask)]
-    per_rank = -(-k // world_size) if pad else k // world_size
-    total = per_rank * world_size
-    flat_ids = np.full(max(total, k), -1, np.int64)
-    shard_order(ids, file, rng_for(seed, epoch, STREAM_ORDER), window, out=flat_ids[:k])
-    del ids
-    flat_ids = flat_ids[:total]               # pad=False: drop the remainder
-    flat_w = np.zeros(total, np.float32)
-    flat_m = np.zeros(total, np.float32)
-    m = min(k, total)
-    np.take(out.weight, flat_ids[:m], out=flat_w[:m])
-    np.take(out.mixup, flat_ids[:m], out=flat_m[:m])
-    shape = (world_size, per_rank)
-    return Plan(int(epoch), int(k), flat_ids.reshape(shape), flat_w.reshape(shape), flat_m.reshape(shape),
-                seed=int(seed), window=int(window))
+    flat_ids, per_rank = _slots(k, world_size, pad)
+    shard_order(ids, file, rng(seed, epoch, Stream.ORDER), window, out=flat_ids[:k])
+    del ids                                   # freed before the weight columns are allocated
+    rows = _rows(flat_ids, k, world_size, per_rank, out.weight, out.mixup)
+    return Plan(int(epoch), int(k), *rows, seed=int(seed), window=int(window))
+
+
+def eval_plan(n: int, order: np.ndarray | None, world_size: int) -> Plan:
+    """Every sample once, in byte order, cut into `world_size` equal contiguous rows.
+
+    `order`: the permutation from `byte_order` (None = ids already in byte order). Real
+    entries get weight 1 and mixup 0; the remainder is padded with -1 / 0 / 0.
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if order is not None and len(order) != n:
+        raise ValueError(f"order has {len(order)} entries for {n} samples")
+    flat_ids, per_rank = _slots(n, world_size, pad=True)
+    flat_ids[:n] = np.arange(n) if order is None else order
+    rows = _rows(flat_ids, n, world_size, per_rank, 1.0, 0.0)
+    return Plan(0, n, *rows, seed=0, window=0)
 
 
 class EpochPlanner:
@@ -322,18 +250,26 @@ class EpochPlanner:
     """
 
     def __init__(self, policy: Policy, scores: Scores, file: np.ndarray, offset: np.ndarray, seed: int,
-                 world_size: int = 1, window: int = 8, pad: bool = True) -> None:
+                 world_size: int = 1, window: int = 8, pad: bool = True,
+                 order: np.ndarray | None | str = "auto") -> None:
+        """`order`: the manifest's `byte_order` permutation if already known (None = ids in
+        byte order); "auto" computes it here."""
         if len(file) != len(scores) or len(offset) != len(scores):
             raise ValueError(f"manifest has {len(file)} rows but scores has {len(scores)} samples")
+        if not isinstance(order, str) and order is not None and len(order) != len(scores):
+            raise ValueError(f"order has {len(order)} entries but scores has {len(scores)} samples")
         self.policy, self.scores = policy, scores
         self.file, self.offset = file, offset
         self.seed, self.world_size, self.window, self.pad = int(seed), int(world_size), int(window), bool(pad)
-        self._order = byte_order(file, offset)  # cached: the manifest does not change
+        # cached: the manifest does not change between epochs
+        self._order = byte_order(file, offset) if isinstance(order, str) else order
 
     def policy_output(self, epoch: int) -> PolicyOutput:
-        return self.policy(self.scores, epoch, rng_for(self.seed, epoch, STREAM_POLICY))
+        """The policy's output for `epoch` from the current (synced) scores."""
+        return self.policy(self.scores, epoch, rng(self.seed, epoch, Stream.POLICY))
 
     def plan(self, epoch: int) -> Plan:
+        """The plan of `epoch`; raises RuntimeError if the policy's K differs from the announced one."""
         out = self.policy_output(epoch)
         plan = make_plan(out, seed=self.seed, epoch=epoch, file=self.file, offset=self.offset,
                          world_size=self.world_size, window=self.window, pad=self.pad, order=self._order)
@@ -344,6 +280,7 @@ class EpochPlanner:
         return plan
 
     def steps_per_epoch(self, epoch: int, batch_size: int, drop_last: bool) -> int:
+        """Optimizer steps of `epoch` on every rank (known before the epoch)."""
         k = self.policy.num_selected(len(self.scores), epoch)
         return num_steps(k, self.world_size, batch_size, drop_last, pad=self.pad)
 
