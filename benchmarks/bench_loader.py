@@ -80,7 +80,7 @@ def dali_reader(shards, batch, threads):
     import torch
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
-    from pipeline.augment import CIFAR_MEAN, CIFAR_STD
+    from pipeline.decode.augment import CIFAR_MEAN, CIFAR_STD
     idx = [s[:-4] + ".idx" for s in shards]
     pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=None, seed=0,
                     prefetch_queue_depth=2)
@@ -114,7 +114,7 @@ def wds_dataloader(shards, batch, workers):
     import webdataset as wds
     from torchvision.io import decode_jpeg, ImageReadMode
     from torchvision.transforms import v2
-    from pipeline.augment import CIFAR_MEAN, CIFAR_STD
+    from pipeline.decode.augment import CIFAR_MEAN, CIFAR_STD
     tf = v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(),
                      v2.ToDtype(torch.float32),
                      v2.Normalize(list(CIFAR_MEAN), list(CIFAR_STD))])

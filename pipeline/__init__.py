@@ -1,18 +1,16 @@
 """Streaming data loader that reads only the samples an SwDPP epoch plan selects.
 
-Modules follow the data's path:
+The packages follow the data's path; imports only point down it (docs/architecture.md):
 
-    formats/    writers for WebDataset tar shards and Zarr v3 stores (used by tools/shard.py)
-    manifest    the per-sample location table (file, offset, length, label) and `open_dataset`
-    scores      per-sample learning dynamics (EMA loss, variability, last seen), DDP sync
-    policies    scores -> inclusion probabilities / loss weights / mixup probabilities (registry)
-    planner     pure numpy: probabilities + seed + epoch -> shard-aware, per-rank epoch plan
-    reader      byte ranges of planned samples only (pread / fsspec), with I/O counters
-    dali_pipeline   DALI decode + augment fed by the plan (GPU "mixed" or CPU-only)
-    torch_backend   the same with DataLoader + torchvision (fallback and baseline)
-    mixup       probabilistic mixup on the batch's device, mixup-aware loss
-    loader      `Loader`: what a training loop iterates
-    stats       per-epoch accounting of what was read, decoded and saved
+    streams     the one random-stream scheme: every random choice seeded from (seed, epoch, ...)
+    formats/    1. on disk: WebDataset tar shards / Zarr v3 stores, their writers and the
+                   manifest (per-sample file, offset, length, label) opened by `open_dataset`
+    plan/       2. scores (learning dynamics) -> policies -> planner: the epoch plan (pure numpy)
+    read/       3. only the planned samples' byte ranges (pread / HTTP / S3), counted
+    decode/     4. backends (DALI, torch) decode and augment the published batches
+    batch       5. Batch, the last-batch rule, probabilistic mixup, mixup-aware loss
+    stats       6. per-epoch accounting of what was read, decoded and saved
+    options, loader   `Loader`: plan -> backend -> mixup -> Batch -> stats
 """
 from __future__ import annotations
 
@@ -20,13 +18,18 @@ import importlib
 
 # Public names resolved lazily so that `import pipeline` stays cheap (no torch/DALI import).
 _EXPORTS = {
-    "open_dataset": "manifest",
-    "Dataset": "manifest",
-    "Scores": "scores",
-    "get_policy": "policies",
-    "POLICIES": "policies",
-    "make_plan": "planner",
-    "Plan": "planner",
+    "open_dataset": "formats.manifest",
+    "Dataset": "formats.manifest",
+    "Scores": "plan.scores",
+    "get_policy": "plan.policies",
+    "POLICIES": "plan.policies",
+    "make_plan": "plan.planner",
+    "Plan": "plan.planner",
+    "BACKENDS": "decode",
+    "Batch": "batch",
+    "LastBatch": "batch",
+    "EpochStats": "stats",
+    "LoaderOptions": "options",
     "Loader": "loader",
 }
 

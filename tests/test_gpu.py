@@ -35,6 +35,7 @@ def test_gpu_dali_matches_cpu_ids(fmt, request):
 def test_gpu_imagenet_preset(cifar_wds):
     ds = pipeline.open_dataset(cifar_wds)
     L = pipeline.Loader(ds, batch_size=64, keep=1.0, policy="full", backend="dali",
-                        device="cuda", augment="imagenet", image_size=64, num_workers=1)
+                        device="cuda", augment="imagenet", num_workers=1,
+                        options=pipeline.LoaderOptions.of(image_size=64))
     b = next(iter(L.epoch(0)))
     assert b.images.is_cuda and b.images.shape == (64, 3, 64, 64)

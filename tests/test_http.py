@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.reader import file_order_rank, merge_ranges
+from pipeline.options import LoaderOptions
+from pipeline.read.ranges import merge_ranges
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
@@ -92,13 +93,13 @@ def test_http_bytes_served_equal_planned(nginx, merge_gap, backend, workers):
     assert ds.files[0].startswith("http://")
     L = pipeline.Loader(ds, batch_size=100, keep=0.7, policy="uniform", epochs=1, seed=2,
                         backend=backend, num_workers=workers, device="cpu", augment="cifar",
-                        merge_gap=merge_gap)
+                        options=LoaderOptions.of(merge_gap=merge_gap))
     time.sleep(0.2)
     since = os.path.getsize(log)
     got = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
     time.sleep(0.3)  # nginx writes its log line after the response
     served = _served(log, since)
-    ids, _, _ = L._rank_plan(0)
+    ids = L.batch_plan(0).ids.reshape(-1)
     ids = ids[ids >= 0]
     assert sorted(got[got >= 0]) == sorted(ids)
     st = L.stats(0)
@@ -107,8 +108,8 @@ def test_http_bytes_served_equal_planned(nginx, merge_gap, backend, workers):
     assert total == st.bytes_read
     # independent expectation of the requests: per batch, the merge rule of docs/architecture.md
     want = []
-    rank = file_order_rank(ds.file, ds.offset)
-    for row in L._batches(0)[0]:
+    rank = ds.file_rank
+    for row in L.batch_plan(0).ids:
         r = row[row >= 0]
         _, _, gf, gs, ge = merge_ranges(ds.file[r], ds.offset[r],
                                         ds.offset[r].astype(np.int64) + ds.length[r],

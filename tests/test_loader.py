@@ -15,6 +15,7 @@ import torch
 
 import pipeline
 from pipeline.loader import CorruptSampleError
+from pipeline.options import LoaderOptions
 
 
 def _losses(ids: torch.Tensor) -> torch.Tensor:
@@ -41,13 +42,13 @@ def run_epochs(loader, epochs, images=False):
 
 
 def planned(loader, e):
-    return loader._rank_plan(e)[0]
+    return loader.batch_plan(e).ids.reshape(-1)
 
 
 def check_exactly_once(ds, loader, runs):
     for e, (ids, labels, *_) in enumerate(runs):
         real = ids >= 0
-        plan = planned(loader, e) if loader._plan_cache and loader._plan_cache[0] == e else None
+        plan = planned(loader, e) if loader._plan and loader._plan[0] == e else None
         assert len(np.unique(ids[real])) == real.sum(), "a sample was duplicated"
         np.testing.assert_array_equal(labels[real], np.asarray(ds.labels)[ids[real]])
         st = loader.stats(e)
@@ -157,7 +158,7 @@ def test_eval_every_sample_once_padded(cifar_test_wds):
     seen = []
     for r in range(2):
         L = pipeline.Loader.for_eval(ds, 128, backend="dali", device="cpu", num_workers=1,
-                                     world_size=2, rank=r, augment="cifar")
+                                     augment="cifar", options=LoaderOptions.of(world_size=2, rank=r))
         batches = list(L.epoch(0))
         assert len(batches) == L.steps_per_epoch(0) == 4  # 500 per rank -> 3 full + 1 partial
         last = batches[-1]
@@ -173,7 +174,8 @@ def test_eval_every_sample_once_padded(cifar_test_wds):
 def test_drop_last(cifar_wds):
     ds = pipeline.open_dataset(cifar_wds)
     L = pipeline.Loader(ds, batch_size=300, keep=1.0, policy="full", backend="torch",
-                        num_workers=0, device="cpu", augment=None, drop_last=True)
+                        num_workers=0, device="cpu", augment=None,
+                        options=LoaderOptions.of(last_batch="drop"))
     batches = list(L.epoch(0))
     assert len(batches) == 2000 // 300 == L.steps_per_epoch(0)
     assert all((b.ids >= 0).all() for b in batches)
@@ -194,7 +196,8 @@ def test_corrupt_sample_skipped(cifar_wds, tmp_path, backend, verify_crc):
     bad = 777
     ds = _corrupt_copy(cifar_wds, tmp_path, bad)
     L = pipeline.Loader(ds, batch_size=128, keep=1.0, policy="full", backend=backend,
-                        num_workers=1, device="cpu", augment="cifar", verify_crc=verify_crc)
+                        num_workers=1, device="cpu", augment="cifar",
+                        options=LoaderOptions.of(verify_crc=verify_crc))
     with pytest.warns(RuntimeWarning, match=f"corrupt sample {bad}|undecodable samples \\[{bad}\\]"):
         ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
     assert sorted(ids[ids >= 0].tolist()) == sorted(set(range(2000)) - {bad})
@@ -208,7 +211,8 @@ def test_corrupt_sample_skipped(cifar_wds, tmp_path, backend, verify_crc):
 def test_corrupt_sample_raises(cifar_wds, tmp_path):
     ds = _corrupt_copy(cifar_wds, tmp_path, 5)
     L = pipeline.Loader(ds, batch_size=128, keep=1.0, policy="full", backend="dali",
-                        num_workers=1, device="cpu", on_corrupt="raise")
+                        num_workers=1, device="cpu",
+                        options=LoaderOptions.of(on_corrupt="raise"))
     with pytest.raises(CorruptSampleError, match="corrupt sample 5"):
         list(L.epoch(0))
 
@@ -223,7 +227,8 @@ def test_truncated_shard_named(cifar_wds, tmp_path):
         pipeline.Loader(ds, batch_size=64, backend="torch", device="cpu")
     # unchecked at creation: the reader names it when it opens the shard
     L = pipeline.Loader(ds, batch_size=64, keep=1.0, policy="full", backend="torch",
-                        num_workers=0, device="cpu", verify_files=None)
+                        num_workers=0, device="cpu",
+                        options=LoaderOptions.of(verify_files=None))
     with pytest.raises(Exception, match=os.path.basename(ds.files[2])):
         list(L.epoch(0))
 
@@ -244,7 +249,7 @@ def test_dali_spawned_workers(cifar_test_wds):
     """The path taken when CUDA is already initialised: workers spawned, source pickled."""
     ds = pipeline.open_dataset(cifar_test_wds)
     L = pipeline.Loader.for_eval(ds, 250, backend="dali", device="cpu", num_workers=1,
-                                 py_start_method="spawn")
+                                 options=LoaderOptions.of(py_start_method="spawn"))
     ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
     assert sorted(ids.tolist()) == list(range(len(ds)))
     L.close()
@@ -254,7 +259,8 @@ def test_dali_spawned_workers(cifar_test_wds):
 @pytest.mark.parametrize("train", [True, False])
 def test_imagenet_preset_cpu(cifar_test_wds, backend, train):
     ds = pipeline.open_dataset(cifar_test_wds)
-    kw = dict(backend=backend, device="cpu", num_workers=1, augment="imagenet", image_size=24)
+    kw = dict(backend=backend, device="cpu", num_workers=1, augment="imagenet",
+              options=LoaderOptions.of(image_size=24))
     L = (pipeline.Loader(ds, 200, keep=1.0, policy="full", **kw) if train
          else pipeline.Loader.for_eval(ds, 200, **kw))
     b = next(iter(L.epoch(0)))
@@ -269,7 +275,7 @@ def test_ranks_disjoint_and_complete(cifar_wds):
     for r in range(2):
         with pipeline.Loader(ds, batch_size=100, keep=0.7, policy="uniform", epochs=2, seed=4,
                              backend="torch", num_workers=0, device="cpu", augment=None,
-                             world_size=2, rank=r) as L:
+                             options=LoaderOptions.of(world_size=2, rank=r)) as L:
             ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
             assert len(ids) == L.steps_per_epoch(0) * 100
             got.append(ids[ids >= 0])

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.mixup import MixInfo, apply_mixup, draw_mixup, mixup_cross_entropy
+from pipeline.batch import MixInfo, apply_mixup, draw_mixup, mixup_cross_entropy
 
 
 def test_draw_is_deterministic_and_respects_padding():

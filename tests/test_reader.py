@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.reader import RangeReader, ShardError, file_order_rank, merge_ranges
+from pipeline.read.ranges import merge_ranges
+from pipeline.read.reader import RangeReader, ShardError
 
 
 def test_merge_ranges_gap_and_neighbors():
@@ -34,7 +35,7 @@ def test_reads_exact_payload_and_counts(cifar_wds):
     assert c.samples == 700 and c.requests == 700
     assert c.bytes == c.payload == int(ds.length[ids].sum())
     # neighbours merge: slack is only tar framing, never another sample's payload
-    rank = file_order_rank(ds.file, ds.offset)
+    rank = ds.file_rank
     rn = RangeReader(ds.files, ds.file_sizes, merge_gap="neighbors", rank=rank)
     bufs2 = rn.read(ds.file[ids], ds.offset[ids], ds.length[ids], ids)
     assert [bytes(b) for b in bufs2] == [bytes(b) for b in bufs]

@@ -7,17 +7,20 @@ from ``(seed, epoch, rank, step)`` -- not by DALI's or torchvision's own RNGs --
 The backends only *apply* the parameters (DALI: ``fn.slice`` + ``fn.resize`` +
 ``fn.crop_mirror_normalize``; torch: the same geometry with tensor ops).
 
-Parameters per sample, float32[5]: ``(y0, x0, h, w, flip)``.
+Parameters per sample (:class:`AugmentParams`): ``anchor (y0, x0)``, ``shape (h, w)``, ``flip``.
   * ``pad_crop`` (cifar): absolute pixel window; ``y0, x0`` in ``[-pad, pad]`` (outside the
     image is zero-padded), ``h, w`` = output size.
   * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized.
   * eval / None: unused (zeros).
+Random stream: ``streams.rng(seed, epoch, Stream.AUGMENT, rank, step)``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+
+from ..streams import Stream, rng
 
 CIFAR_MEAN = (125.307, 122.961, 113.8575)
 CIFAR_STD = (51.5865, 50.847, 51.255)
@@ -86,34 +89,38 @@ def get_augment(name: str | None, train: bool, channels: int,
     raise ValueError(f"unknown augment preset {name!r}; choose one of {PRESETS}")
 
 
-def step_rng(seed: int, epoch: int, rank: int, step: int, stream: int) -> np.random.Generator:
-    """A generator owned by one (seed, epoch, rank, step) and one purpose (``stream``)."""
-    return np.random.Generator(np.random.Philox(key=np.array(
-        [seed & 0xFFFFFFFFFFFFFFFF, ((epoch & 0xFFFFFF) << 40) | ((rank & 0xFFFF) << 24)
-         | (step & 0xFFFFFF) | (stream << 62)], dtype=np.uint64)))
+@dataclass
+class AugmentParams:
+    """One batch's per-sample parameters: ``anchor`` float32 [B, 2] ``(y0, x0)``, ``shape``
+    float32 [B, 2] ``(h, w)``, ``flip`` int32 [B] (1 = mirror)."""
+
+    anchor: np.ndarray
+    shape: np.ndarray
+    flip: np.ndarray
 
 
 def sample_params(spec: AugmentSpec, n: int, seed: int, epoch: int, rank: int,
-                  step: int) -> np.ndarray:
-    """Per-sample augmentation parameters float32[n, 5] for one batch (see module doc)."""
-    out = np.zeros((n, 5), dtype=np.float32)
+                  step: int) -> AugmentParams:
+    """Per-sample augmentation parameters for one batch (see module doc)."""
+    anchor = np.zeros((n, 2), dtype=np.float32)
+    shape = np.zeros((n, 2), dtype=np.float32)
+    flip = np.zeros(n, dtype=np.int32)
     if spec.out_size is not None:
-        out[:, 2], out[:, 3] = spec.out_size
+        shape[:] = spec.out_size
     if not spec.train or not spec.random:
-        return out
-    rng = step_rng(seed, epoch, rank, step, stream=1)
+        return AugmentParams(anchor, shape, flip)
+    g = rng(seed, epoch, Stream.AUGMENT, rank, step)
     if spec.mode == "pad_crop":
-        out[:, 0:2] = rng.integers(-spec.pad, spec.pad + 1, size=(n, 2))
+        anchor[:] = g.integers(-spec.pad, spec.pad + 1, size=(n, 2))
     elif spec.mode == "rrc":
         # relative area and aspect ratio (torchvision draws log-uniform aspect too)
-        area = rng.uniform(spec.scale[0], spec.scale[1], size=n)
-        logr = rng.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1]), size=n)
-        r = np.exp(logr)
+        area = g.uniform(spec.scale[0], spec.scale[1], size=n)
+        r = np.exp(g.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1]), size=n))
         h = np.clip(np.sqrt(area / r), 0.0, 1.0)
         w = np.clip(np.sqrt(area * r), 0.0, 1.0)
-        out[:, 0] = rng.uniform(0, 1, size=n) * (1 - h)
-        out[:, 1] = rng.uniform(0, 1, size=n) * (1 - w)
-        out[:, 2], out[:, 3] = h, w
+        anchor[:, 0] = g.uniform(0, 1, size=n) * (1 - h)
+        anchor[:, 1] = g.uniform(0, 1, size=n) * (1 - w)
+        shape[:, 0], shape[:, 1] = h, w
     if spec.flip:
-        out[:, 4] = rng.integers(0, 2, size=n)
-    return out
+        flip[:] = g.integers(0, 2, size=n)
+    return AugmentParams(anchor, shape, flip)

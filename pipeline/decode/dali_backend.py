@@ -1,0 +1,282 @@
+"""The DALI backend: external_source(plan) -> decode -> augment, GPU ("mixed") or CPU-only.
+
+One long-lived pipeline serves every epoch.  Its batch-mode ``external_source`` callback
+(:class:`_Callback`) is stateless: given ``BatchInfo(iteration, epoch_idx)`` it opens the
+table the backend published *before* that DALI epoch started (DALI's ``epoch_idx`` counts
+pipeline resets, so the backend names its tables ``dali-<generation>-<epoch_idx>`` and
+counts resets in step; a rebuilt pipeline is a new generation), reads that batch's
+planned byte ranges and returns the encoded bytes, the ``META_DTYPE`` records (as int64
+``[B, 4]``) and the augmentation parameters drawn in :mod:`pipeline.decode.augment`.  The
+callback raises ``StopIteration`` at and past the table's limit (DALI prefetches past the
+end), and every batch is full: padding rows carry the filler image.
+
+With a GPU the images are decoded with ``device="mixed"`` and augmented on the GPU;
+without one the same graph runs with CPU operators (``device_id=None``).  Reader processes
+are forked by ``start_py_workers()`` when the backend is created, before ``build()``
+creates a CUDA context.  A sample that kills the pipeline (bytes that pass their checksum
+but do not decode) is found by decoding the suspects with PIL, masked as bad, and the
+pipeline is rebuilt; the epoch carries on from the first undelivered batch.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import replace
+from typing import Iterator
+
+import numpy as np
+
+from ..read.ranges import ReadCounters
+from ..read.source import meta_from_array, meta_to_array
+from ..read.table import TableHeader
+from .augment import AugmentSpec, sample_params
+from .backend import Backend, BackendConfig, RawBatch, decodable
+
+__all__ = ["DaliBackend"]
+
+
+class _Callback:
+    """Batch-mode external_source callback: stateless, picklable (spawn) and fork-safe.
+
+    ``fields`` names its outputs in order (a subset of payload, meta, anchor, shape, flip,
+    length).  Whatever has a fixed shape goes as one array with a batch dimension: DALI
+    ships it through shared memory as one buffer, while a list costs per-sample Python
+    work in the main process.  With ``packed_len`` the payloads arrive as one
+    ``[B, packed_len]`` array read in place; ``length`` lets the GPU graph cut each row
+    back (the CPU decoders ignore the zeros after the image's end marker).
+    """
+
+    def __init__(self, source, spec: AugmentSpec, prefix: str, fields: tuple[str, ...],
+                 packed_len: int | None, stack: bool):
+        self.source, self.spec, self.prefix, self.fields = source, spec, prefix, fields
+        self.packed_len, self.stack = packed_len, stack
+
+    def __call__(self, info):
+        table = self.source.table(f"{self.prefix}{info.epoch_idx}.npy")
+        sb = self.source.batch(table, info.iteration, self.packed_len)
+        out = {"payload": np.stack(sb.payload) if self.stack else sb.payload,
+               "meta": meta_to_array(sb.meta)}
+        if "flip" in self.fields:
+            h = table.header
+            p = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank,
+                              h.first_step + info.iteration)
+            out.update(anchor=p.anchor, shape=p.shape, flip=p.flip)
+        if "length" in self.fields:
+            out["length"] = sb.meta["length"].astype(np.float32).reshape(-1, 1)
+        return tuple(out[f] for f in self.fields)
+
+
+def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec):
+    """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU)."""
+    from nvidia.dali import fn, types
+
+    if spec.mode == "pad_crop":
+        if shape is None:  # the fixed output window
+            shape = np.asarray(spec.out_size, dtype=np.float32)
+        images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False,
+                          normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
+    elif spec.mode == "rrc":
+        images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=True,
+                          normalized_shape=True, out_of_bounds_policy="trim_to_shape")
+        images = fn.resize(images, size=list(spec.out_size), antialias=True)
+    elif spec.mode == "resize_center":
+        images = fn.resize(images, resize_shorter=spec.resize_shorter, antialias=True)
+    kw = {}
+    if spec.mode == "resize_center" and spec.out_size:
+        kw["crop"] = list(spec.out_size)
+    if spec.flip:
+        kw["mirror"] = flip
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=list(spec.mean), std=list(spec.std), **kw)
+
+
+def _output_fields(spec: AugmentSpec, trim: bool) -> tuple[str, ...]:
+    """The callback's outputs for ``spec``: a pad-crop window has a fixed shape (not sent);
+    a random-resized crop's varies per sample."""
+    fields = ["payload", "meta"]
+    if spec.mode in ("pad_crop", "rrc") or spec.flip:
+        fields += ["anchor", "flip"] if spec.mode == "pad_crop" else ["anchor", "shape", "flip"]
+    if trim:
+        fields.append("length")
+    return tuple(fields)
+
+
+def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
+    """Define the pipeline and start its Python workers (not yet built: no CUDA yet)."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    gpu = cfg.device.type == "cuda"
+    codec, spec = cfg.source.codec, cfg.spec
+    stack = codec == "raw"  # fixed-shape pixels
+    packed_len = cfg.source.packed_len()
+    fields = _output_fields(spec, trim=bool(packed_len) and gpu)
+    dtype_of = {"payload": types.UINT8, "meta": types.INT64, "anchor": types.FLOAT,
+                "shape": types.FLOAT, "flip": types.INT32, "length": types.FLOAT}
+    workers = cfg.num_workers
+    pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                    device_id=device_id if gpu else None, seed=cfg.seed,
+                    py_num_workers=max(1, workers), py_start_method=start_method,
+                    prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
+    with pipe:
+        outs = fn.external_source(
+            source=_Callback(cfg.source, spec, prefix, fields, packed_len, stack),
+            num_outputs=len(fields), batch=True, batch_info=True, parallel=workers > 0,
+            **({"prefetch_queue_depth": cfg.prefetch} if workers > 0 else {}),
+            dtype=[dtype_of[f] for f in fields])
+        node = dict(zip(fields, outs))
+        payload = node["payload"]
+        if "length" in node:  # cut each packed row back to its payload (GPU decoder input)
+            payload = fn.slice(payload, np.zeros(1, np.float32), node["length"], axes=[0],
+                               normalized_anchor=False, normalized_shape=False)
+        if codec in ("raw", "npy"):
+            images = payload.gpu() if gpu else payload  # already pixels: no decoding
+        else:
+            images = fn.decoders.image(payload, device="mixed" if gpu else "cpu",
+                                       output_type=types.GRAY if cfg.channels == 1 else types.RGB)
+        images = _augment_graph(images, node.get("anchor"), node.get("shape"), node.get("flip"), spec)
+        pipe.set_outputs(images, node["meta"])
+    if workers > 0:
+        pipe.start_py_workers()
+    return pipe
+
+
+def _to_torch(images, device):
+    """A DALI TensorList of float CHW images -> a torch tensor on ``device``."""
+    import torch
+    from nvidia.dali.backend import TensorListGPU
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    t = images.as_tensor()
+    if isinstance(images, TensorListGPU):
+        dst = torch.empty(t.shape(), dtype=torch.float32, device=device)
+        feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dst.device))
+        return dst
+    dst = torch.empty(t.shape(), dtype=torch.float32)
+    feed_ndarray(t, dst)  # one copy, out of DALI's buffer (reused by the next run)
+    return dst if str(device) == "cpu" else dst.to(device, non_blocking=True)
+
+
+def _shutdown(pipe) -> None:
+    """Shut a pipeline down and stop its Python workers now (not whenever it is collected:
+    a pipeline killed by an error can stay referenced and its workers would linger)."""
+    if pipe is None:
+        return
+    pool = getattr(pipe, "_py_pool", None)
+    try:
+        pipe._shutdown()
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+class DaliBackend(Backend):
+    """One DALI pipeline per loader; see the module docstring."""
+
+    name = "dali"
+
+    def __init__(self, config: BackendConfig):
+        super().__init__(config)
+        self._generation = 0
+        self._pipe = None
+        self._new_pipeline()
+
+    def _prefix(self) -> str:
+        return os.path.join(self.config.workdir, f"dali-{self._generation}-")
+
+    def _new_pipeline(self) -> None:
+        cfg = self.config
+        method = cfg.py_start_method
+        if method == "fork":
+            try:
+                from nvidia.dali import backend as _b
+                if _b.IsDriverInitialized():
+                    method = "spawn"  # CUDA already up in this process: fork is unsafe
+            except Exception:
+                pass
+        device_id = cfg.device.index if cfg.device.index is not None else int(
+            os.environ.get("LOCAL_RANK", 0))
+        self._generation += 1
+        self._epochs = 0       # DALI epochs (resets) of this pipeline: its epoch_idx
+        self._built = False
+        self._pipe = _build(cfg, self._prefix(), method, device_id)
+
+    def _replace_pipeline(self) -> None:
+        old, self._pipe = self._pipe, None
+        _shutdown(old)
+        self._new_pipeline()
+
+    def start(self, ids: np.ndarray, header: TableHeader) -> Iterator[RawBatch]:
+        done = 0            # rows of ``ids`` delivered
+        carry = ReadCounters()  # reads of a failed attempt, counted with the next batch
+        while done < len(ids):
+            table = self._publish(ids[done:], replace(header, first_step=header.first_step + done),
+                                  f"dali-{self._generation}-{self._epochs}")
+            if not self._built:
+                self._pipe.build()
+                self._built = True
+            try:
+                while True:
+                    try:
+                        images, meta = self._pipe.run()
+                    except StopIteration:
+                        break
+                    reads = table.reads(self._delivered, self._delivered + 1)
+                    reads += carry
+                    carry = ReadCounters()
+                    self._delivered += 1
+                    done += 1
+                    yield RawBatch(_to_torch(images, self.config.device),
+                                   meta_from_array(meta.as_array()), reads)
+            except GeneratorExit:
+                self.abandon()
+                raise
+            except Exception as e:  # noqa: BLE001 - DALI raises plain RuntimeErrors
+                carry += self._recover(e, ids[done:done + self.config.prefetch + 2])
+                continue
+            self._pipe.reset()
+            self._epochs += 1
+            self._finish()
+            if done < len(ids):
+                raise RuntimeError(f"DALI epoch ended after {done} of {len(ids)} batches")
+
+    def abandon(self) -> ReadCounters:
+        if self._active is None:
+            return ReadCounters()
+        try:
+            self._active.cancel(0)
+            while True:  # drain what the workers already produced
+                try:
+                    self._pipe.run()
+                except StopIteration:
+                    break
+            self._pipe.reset()
+            self._epochs += 1
+        except Exception:  # a broken pipeline: rebuild it for the next epoch
+            self._replace_pipeline()
+        return self._finish()
+
+    def _recover(self, err: Exception, candidates: np.ndarray) -> ReadCounters:
+        """The pipeline died (e.g. an undecodable image): find the culprit among the next
+        batches, mask it, rebuild the pipeline; re-delivering those batches reports the
+        culprits as corrupt.  Returns what the dead attempt and the probe read."""
+        src = self.config.source
+        ids = candidates[candidates >= 0]
+        ids = ids[np.asarray(src.bad.mask[ids]) == 0]
+        bufs, seconds = src.read_samples(ids)
+        bad = [i for i, b in zip(ids.tolist(), bufs) if not decodable(b, src.codec)]
+        if not bad:
+            raise err
+        src.bad.mark(bad)
+        warnings.warn(f"DALI pipeline failed ({str(err).splitlines()[0][:200]}); masked "
+                      f"undecodable samples {bad} and rebuilt the pipeline",
+                      RuntimeWarning, stacklevel=3)
+        reads = self._finish()
+        reads.seconds += seconds
+        self._replace_pipeline()
+        return reads
+
+    def close(self) -> None:
+        self.abandon()
+        old, self._pipe = self._pipe, None
+        _shutdown(old)

@@ -1,0 +1,145 @@
+"""The torch backend: a ``DataLoader`` and torchvision, with the DALI backend's semantics.
+
+The DataLoader iterates over *batch indices* of the table the backend published for the
+epoch (``batch_size=None``, a plain ``range`` sampler), so nothing is planned inside
+``__iter__``: the plan is fixed before the DataLoader exists.  Each worker reads a batch
+with :class:`pipeline.read.source.PlannedSource`, decodes with torchvision and applies the
+parameters drawn in :mod:`pipeline.decode.augment` (the same crops and flips as the DALI
+backend).  Used where DALI is not installed, and as the benchmark baseline.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..read.ranges import ReadCounters
+from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
+from ..read.table import TableHeader
+from .augment import AugmentParams, AugmentSpec, sample_params
+from .backend import Backend, RawBatch
+
+__all__ = ["TorchBackend", "transform", "decode"]
+
+
+def _crop_pad(img: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
+    """Crop window [y0, y0+h) x [x0, x0+w) of CHW ``img``; outside the image is zero."""
+    c, hh, ww = img.shape
+    out = img.new_zeros((c, h, w))
+    ys, xs = max(y0, 0), max(x0, 0)
+    ye, xe = min(y0 + h, hh), min(x0 + w, ww)
+    if ye > ys and xe > xs:
+        out[:, ys - y0:ye - y0, xs - x0:xe - x0] = img[:, ys:ye, xs:xe]
+    return out
+
+
+def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) -> torch.Tensor:
+    """Apply ``spec`` with row ``j`` of ``p`` to a CHW uint8 image -> float CHW."""
+    from torchvision.transforms.v2 import functional as F
+
+    (y0, x0), (ph, pw) = p.anchor[j], p.shape[j]
+    if spec.mode == "pad_crop":
+        img = _crop_pad(img, int(y0), int(x0), int(ph), int(pw))
+    elif spec.mode == "rrc":
+        _, hh, ww = img.shape
+        top, left = int(round(y0 * hh)), int(round(x0 * ww))
+        h = max(1, min(hh - top, int(round(ph * hh))))
+        w = max(1, min(ww - left, int(round(pw * ww))))
+        img = F.resized_crop(img, top, left, h, w, list(spec.out_size), antialias=True)
+    elif spec.mode == "resize_center":
+        img = F.resize(img, [spec.resize_shorter], antialias=True)
+        if spec.out_size:
+            img = F.center_crop(img, list(spec.out_size))
+    if spec.flip and p.flip[j]:
+        img = img.flip(-1)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(-1, 1, 1)
+    return (img.float() - mean) / std
+
+
+def decode(payload: np.ndarray, codec: str, channels: int) -> torch.Tensor:
+    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor."""
+    if codec in ("raw", "npy") or payload.ndim == 3:
+        return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    data = torch.from_numpy(np.array(payload, copy=True))
+    # the codec-specific decoders: decode_image is far slower per call
+    fn = {"jpeg": decode_jpeg, "png": decode_png}.get(codec, decode_image)
+    return fn(data, mode=mode)
+
+
+def _worker_init(_: int) -> None:
+    # one intra-op thread per worker: the workers are the parallelism (oversubscribed
+    # intra-op threads make per-image ops far slower on few cores)
+    torch.set_num_threads(1)
+
+
+class _BatchDataset(torch.utils.data.Dataset):
+    """Map-style over the batches of one published table: index i -> (images, meta, ns)."""
+
+    def __init__(self, source: PlannedSource, path: str, spec: AugmentSpec, channels: int):
+        self.source, self.path, self.spec, self.channels = source, path, spec, channels
+
+    def __len__(self) -> int:
+        return self.source.table(self.path).limit
+
+    def __getitem__(self, i: int):
+        table = self.source.table(self.path)
+        sb = self.source.batch(table, i)
+        h = table.header
+        params = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank, h.first_step + i)
+        t0 = time.perf_counter()
+        codec, ch = self.source.codec, self.channels
+        imgs = []
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders (in favour of torchcodec) on every call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            for j, buf in enumerate(sb.payload):
+                try:
+                    imgs.append(transform(decode(buf, codec, ch), params, j, self.spec))
+                except RuntimeError:  # undecodable bytes: the filler, flagged corrupt
+                    sb.meta["flag"][j] = Flag.CORRUPT
+                    imgs.append(transform(decode(self.source.filler, codec, ch), params, j,
+                                          self.spec))
+        decode_ns = int((time.perf_counter() - t0) * 1e9)
+        return torch.stack(imgs), meta_to_array(sb.meta), decode_ns
+
+
+class TorchBackend(Backend):
+    """DataLoader workers (or the main process with ``num_workers=0``) + torchvision."""
+
+    name = "torch"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._it = None
+        # import torchvision here, once, so forked workers inherit it (a fresh import in
+        # every worker of every epoch is slow)
+        import torchvision.io  # noqa: F401
+        import torchvision.transforms.v2.functional  # noqa: F401
+
+    def start(self, ids: np.ndarray, header: TableHeader) -> Iterator[RawBatch]:
+        cfg = self.config
+        table = self._publish(ids, header, f"torch-{self._serial}")
+        ds = _BatchDataset(cfg.source, table.path, cfg.spec, cfg.channels)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
+            persistent_workers=False, pin_memory=False, worker_init_fn=_worker_init)
+        self._it = iter(dl)
+        for j, (images, meta, decode_ns) in enumerate(self._it):
+            self._delivered = j + 1
+            yield RawBatch(images, meta_from_array(meta.numpy()), table.reads(j, j + 1),
+                           int(decode_ns) / 1e9)
+        self._it = None
+        self._finish()
+
+    def abandon(self) -> ReadCounters:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()  # the workers are gone before their table is removed
+        return self._finish()

@@ -1,0 +1,131 @@
+"""The Loader's less common options, grouped by the stage they configure (frozen, validated).
+
+    pipeline.Loader(ds, 256, keep=0.7, ..., options=LoaderOptions.of(merge_gap=0, prefetch=4))
+
+``LoaderOptions.of(**flat)`` routes each keyword to its group and refuses unknown names,
+listing the allowed ones; the groups can also be built directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, Mapping
+
+from .batch import LastBatch
+
+__all__ = ["OnCorrupt", "PlanOptions", "ReadOptions", "DecodeOptions", "BatchOptions",
+           "LoaderOptions"]
+
+
+class OnCorrupt(str, Enum):
+    """What a sample whose bytes fail their checksum or decoding does to the run."""
+
+    SKIP = "skip"    # warn once, count, deliver as padding (weight 0), never read it again
+    RAISE = "raise"  # stop with CorruptSampleError naming the sample and its file
+
+
+def _enum(cls, value, name: str):
+    try:
+        return cls(value)
+    except ValueError:
+        raise ValueError(f"{name} must be one of {[m.value for m in cls]}, not {value!r}") from None
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Planning: policy options, shard window, ranks (default: torch.distributed), and an
+    existing ``pipeline.Scores`` to plan from (default: a new one)."""
+
+    policy_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    window: int = 4
+    world_size: int | None = None
+    rank: int | None = None
+    scores: Any = None
+
+    def __post_init__(self):
+        if int(self.window) < 1:
+            raise ValueError(f"window must be >= 1, got {self.window!r}")
+        if self.world_size is not None and int(self.world_size) < 1:
+            raise ValueError(f"world_size must be >= 1, got {self.world_size!r}")
+        if self.rank is not None and self.world_size is not None and not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank!r} out of range for world_size {self.world_size}")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """Reading: request merging (bytes or "neighbors"; default per storage), checks, remote
+    storage options, O_DIRECT, the corrupt-sample rule and the work directory."""
+
+    merge_gap: int | str | None = None
+    verify_crc: bool = True
+    verify_files: str | None = "size"
+    storage_options: Mapping[str, Any] | None = None
+    direct_io: bool = False
+    on_corrupt: OnCorrupt = OnCorrupt.SKIP
+    workdir: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "on_corrupt", _enum(OnCorrupt, self.on_corrupt, "on_corrupt"))
+        if self.verify_files not in (None, "size", "checksum"):
+            raise ValueError(f"verify_files must be 'size', 'checksum' or None, not {self.verify_files!r}")
+        g = self.merge_gap
+        if not (g is None or g == "neighbors" or (isinstance(g, int) and g >= 0)):
+            raise ValueError(f"merge_gap must be bytes >= 0, 'neighbors' or None, not {g!r}")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoding: output size override, DALI CPU threads (default min(4, cores)), batches
+    in flight per reader, and how DALI starts its reader processes."""
+
+    image_size: int | None = None
+    num_threads: int | None = None
+    prefetch: int = 2
+    py_start_method: str = "fork"
+
+    def __post_init__(self):
+        if int(self.prefetch) < 1:
+            raise ValueError(f"prefetch must be >= 1, got {self.prefetch!r}")
+        if self.num_threads is not None and int(self.num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
+        if self.py_start_method not in ("fork", "spawn"):
+            raise ValueError(f"py_start_method must be 'fork' or 'spawn', not {self.py_start_method!r}")
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """Batching: the last partial batch (pad or drop; drop applies to training only) and
+    the Beta(alpha, alpha) of mixup's lambda."""
+
+    last_batch: LastBatch = LastBatch.PAD
+    mixup_alpha: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "last_batch", _enum(LastBatch, self.last_batch, "last_batch"))
+        if not float(self.mixup_alpha) >= 0:
+            raise ValueError(f"mixup_alpha must be >= 0, got {self.mixup_alpha!r}")
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """All groups, plus ``train`` (False: evaluation, see ``Loader.for_eval``)."""
+
+    plan: PlanOptions = field(default_factory=PlanOptions)
+    read: ReadOptions = field(default_factory=ReadOptions)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+    batch: BatchOptions = field(default_factory=BatchOptions)
+    train: bool = True
+
+    @classmethod
+    def of(cls, **flat: Any) -> "LoaderOptions":
+        """Build from flat keywords (``merge_gap=0, world_size=2, ...``)."""
+        groups = {"plan": PlanOptions, "read": ReadOptions, "decode": DecodeOptions,
+                  "batch": BatchOptions}
+        owner = {f.name: g for g, c in groups.items() for f in fields(c)}
+        unknown = sorted(set(flat) - set(owner) - {"train"})
+        if unknown:
+            raise ValueError(f"unknown loader option(s) {unknown}; allowed: "
+                             f"{sorted(owner) + ['train']}")
+        kw = {g: c(**{k: v for k, v in flat.items() if owner.get(k) == g})
+              for g, c in groups.items()}
+        return cls(**kw, train=bool(flat.get("train", True)))

@@ -1,0 +1,9 @@
+"""Stage 3, read: only the planned samples' byte ranges, counted.
+
+    ranges   merge_ranges (which ranges share a request), ReadCounters
+    reader   RangeReader: pread / preadv / O_DIRECT locally, fsspec cat_ranges for URLs
+    table    EpochTable: an epoch's batches published on disk for reader processes
+    source   PlannedSource: (table, batch) -> SourceBatch (payloads + META_DTYPE records)
+
+Imports only pipeline.formats (storage helpers); never a later stage.
+"""

@@ -1,0 +1,226 @@
+"""The stateless per-batch source shared by every backend: table row -> payloads + meta.
+
+Everything it depends on is on disk (the table published before the epoch, the
+bad-sample mask, the manifest columns), so it runs in any worker process, forked or
+spawned, and gives the same answer for the same batch.  What it hands to the decode
+stage is a :class:`SourceBatch`: the encoded payloads (or raw pixels) and one
+``META_DTYPE`` record per row; what it read goes into the table's counters file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+import numpy as np
+
+from .reader import RangeReader
+from .table import EpochTable
+
+__all__ = ["Flag", "META_DTYPE", "SourceBatch", "PlannedSource", "BadSamples", "make_filler",
+           "meta_to_array", "meta_from_array"]
+
+
+class Flag(IntEnum):
+    """What a row of a batch holds."""
+
+    OK = 0        # the planned sample's bytes
+    PAD = 1       # padding (no sample): the filler, weight 0
+    CORRUPT = 2   # a sample whose bytes failed their checksum or decoding: the filler
+
+
+# one record per row; all int64 so that it crosses DALI as a plain [B, 4] int64 array
+META_DTYPE = np.dtype([("id", "<i8"), ("label", "<i8"), ("flag", "<i8"), ("length", "<i8")])
+
+
+def meta_to_array(meta: np.ndarray) -> np.ndarray:
+    """``META_DTYPE [B]`` -> int64 ``[B, 4]`` (for DALI outputs, which take plain arrays)."""
+    return np.ascontiguousarray(meta).view(np.int64).reshape(len(meta), len(META_DTYPE.names))
+
+
+def meta_from_array(a: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`meta_to_array` (copies: DALI reuses its buffers)."""
+    a = np.array(a, dtype=np.int64, copy=True).reshape(-1, len(META_DTYPE.names))
+    return a.view(META_DTYPE).reshape(len(a))
+
+
+@dataclass
+class SourceBatch:
+    """One batch as read: ``payload`` is a list of per-row uint8 arrays (encoded bytes, or
+    HWC pixels for raw/npy), or one uint8 ``[B, packed_len]`` array whose rows are each a
+    sample's bytes followed by zeros; ``meta`` is ``META_DTYPE [B]``."""
+
+    payload: list | np.ndarray
+    meta: np.ndarray
+
+
+def make_filler(codec: str, sample_shape, channels: int) -> np.ndarray:
+    """A valid sample delivered for padding rows and skipped samples (never read from disk)."""
+    shape = tuple(sample_shape) if sample_shape else (8, 8, channels)
+    if codec in ("raw", "npy"):
+        return np.zeros(shape, dtype=np.uint8)
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L" if channels == 1 else "RGB", (shape[1], shape[0])).save(
+        buf, "PNG" if codec == "png" else "JPEG")
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+
+
+class BadSamples:
+    """The mask of samples known to be bad (uint8 per sample, a ``.npy`` shared by every
+    process of a loader): later batches deliver them as the filler without reading them."""
+
+    def __init__(self, path: str, n: int | None = None):
+        self.path = path
+        if n is not None:
+            np.save(path, np.zeros(n, dtype=np.uint8))
+        self._mask: np.ndarray | None = None
+
+    def __getstate__(self):
+        return {"path": self.path, "_mask": None}
+
+    @property
+    def mask(self) -> np.ndarray:
+        if self._mask is None:
+            self._mask = np.load(self.path, mmap_mode="r+")
+        return self._mask
+
+    def mark(self, ids) -> None:
+        self.mask[np.asarray(ids, dtype=np.int64)] = 1
+        self.mask.flush()
+
+    def reset(self, ids=()) -> None:
+        """Exactly ``ids`` are bad (restoring a checkpoint)."""
+        self.mask[:] = 0
+        self.mark(ids)
+
+    def ids(self) -> np.ndarray:
+        return np.flatnonzero(np.asarray(self.mask)).astype(np.int64)
+
+
+def _column_ref(a: np.ndarray):
+    """A memory-mapped manifest column travels as its path (cheap to pickle); else the array."""
+    if isinstance(a, np.memmap) and getattr(a, "filename", None):
+        try:
+            b = np.load(a.filename, mmap_mode="r")
+            if b.shape == a.shape and b.dtype == a.dtype:
+                return ("npy", str(a.filename))
+        except Exception:  # not a .npy file: ship the data itself
+            pass
+    return ("array", np.ascontiguousarray(a))
+
+
+def _column(ref) -> np.ndarray:
+    return np.load(ref[1], mmap_mode="r") if ref[0] == "npy" else ref[1]
+
+
+class PlannedSource:
+    """``(table, batch index)`` -> :class:`SourceBatch` for one dataset (see module doc)."""
+
+    def __init__(self, ds, reader: RangeReader, bad: BadSamples, filler: np.ndarray,
+                 verify_crc: bool = True):
+        self.reader, self.bad, self.filler = reader, bad, filler
+        self.codec = ds.codec
+        self.sample_shape = tuple(ds.sample_shape) if ds.sample_shape else None
+        self.verify_crc = verify_crc
+        self.files, self.file_sizes = list(ds.files), np.asarray(ds.file_sizes)
+        self._refs = {"file": _column_ref(ds.file), "offset": _column_ref(ds.offset),
+                      "length": _column_ref(ds.length), "label": _column_ref(ds.labels),
+                      "crc32": _column_ref(ds.crc32)}
+        self._cols: dict | None = None
+        self._tables: dict[str, EpochTable] = {}
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d.update(_cols=None, _tables={})
+        return d
+
+    def _columns(self) -> dict:
+        if self._cols is None:
+            self._cols = {k: _column(r) for k, r in self._refs.items()}
+        return self._cols
+
+    def table(self, path: str) -> EpochTable:
+        """The table published at ``path`` (opened once; only the latest one stays open)."""
+        t = self._tables.get(path)
+        if t is None:
+            t = EpochTable(path)
+            self._tables = {path: t}
+        return t
+
+    def packed_len(self) -> int | None:
+        """Row width for packed batches when payload sizes are similar (padding waste at
+        most 2x), else None; raw and npy payloads are never packed."""
+        if self.codec in ("raw", "npy"):
+            return None
+        lengths = np.asarray(self._columns()["length"])
+        top = int(lengths.max()) if len(lengths) else 0
+        if not top or top > 2 * float(lengths.mean()):
+            return None
+        return max(top, len(self.filler))  # padding rows carry the filler
+
+    def batch(self, table: EpochTable, i: int, packed_len: int | None = None) -> SourceBatch:
+        """Batch ``i`` of ``table``; records its reads in the table.  Raises StopIteration
+        past the table's limit (DALI prefetches past the end)."""
+        if i >= table.limit:
+            raise StopIteration
+        ids = table.ids(i)
+        b = len(ids)
+        cols = self._columns()
+        valid = ids >= 0
+        safe = np.where(valid, ids, 0)
+        bad = valid & (np.asarray(self.bad.mask[safe]) != 0)
+        want = np.flatnonzero(valid & ~bad)
+        sel = ids[want]
+        meta = np.zeros(b, dtype=META_DTYPE)
+        meta["id"] = ids
+        meta["label"] = np.where(valid, np.asarray(cols["label"][safe]), -1)
+        meta["flag"][~valid] = Flag.PAD
+        meta["flag"][bad] = Flag.CORRUPT
+        before = self.reader.counters.copy()
+        lengths = np.asarray(cols["length"][sel])
+        crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
+        if packed_len:
+            payload = np.zeros((b, packed_len), dtype=np.uint8)
+            self.reader.read_into(cols["file"][sel], cols["offset"][sel], lengths, payload, want, sel)
+            rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
+        else:
+            rows = self.reader.read(cols["file"][sel], cols["offset"][sel], lengths, sel)
+            payload = [self.filler] * b
+        for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
+            if crc is not None and zlib.crc32(buf) != crc[k]:
+                meta["flag"][j] = Flag.CORRUPT  # reported and masked by the main process
+            elif not packed_len:
+                payload[j] = self._payload_array(buf)
+        if packed_len:
+            filler = meta["flag"] != Flag.OK
+            if filler.any():
+                payload[filler] = 0
+                payload[filler, :len(self.filler)] = self.filler
+        table.record(i, self.reader.counters - before)
+        meta["length"] = len(self.filler)
+        ok = want[meta["flag"][want] == Flag.OK]
+        meta["length"][ok] = np.asarray(cols["length"][ids[ok]])
+        return SourceBatch(payload, meta)
+
+    def read_samples(self, ids: np.ndarray) -> tuple[list[bytes], float]:
+        """Payloads of ``ids`` read afresh, one request each (finding what killed a decoder),
+        and the seconds it took."""
+        ids = np.asarray(ids, dtype=np.int64)
+        cols = self._columns()
+        probe = RangeReader(self.files, self.file_sizes, merge_gap=0)
+        try:
+            bufs = probe.read(cols["file"][ids], cols["offset"][ids], cols["length"][ids])
+            return [bytes(b) for b in bufs], probe.counters.seconds
+        finally:
+            probe.close()
+
+    def _payload_array(self, buf) -> np.ndarray:
+        if self.codec == "raw":
+            return np.frombuffer(buf, dtype=np.uint8).reshape(self.sample_shape)
+        if self.codec == "npy":
+            a = np.load(io.BytesIO(bytes(buf)), allow_pickle=False)
+            return a if a.ndim == 3 else a.reshape(*a.shape, 1)
+        return np.frombuffer(buf, dtype=np.uint8)
