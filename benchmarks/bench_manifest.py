@@ -28,7 +28,7 @@ def rss_mb():   # current resident set (ru_maxrss would include the parent's pag
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
 t0 = time.perf_counter()
-import pipeline.manifest as m
+import pipeline.formats.manifest as m
 t_import = time.perf_counter() - t0
 rss0 = rss_mb()
 t0 = time.perf_counter()
@@ -49,7 +49,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)
     args = p.parse_args()
-    from pipeline.manifest import write_manifest
+    from pipeline.formats.manifest import write_manifest
     n = args.rows
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ import pytest
 import pipeline
 from pipeline.formats import ConvertError, SourceError, VerifyError, convert, verify
 from pipeline.formats.convert import _Interrupted
-from pipeline.manifest import ManifestError
+from pipeline.formats.manifest import ManifestError
 
 
 def _png(path: Path, value: int, size=(8, 8)) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import pipeline
-from pipeline.manifest import COLUMNS, ManifestError, open_dataset
+from pipeline.formats.manifest import COLUMNS, ManifestError, open_dataset
 
 
 def test_columns_dtypes_and_mmap(cifar_wds):

@@ -1,12 +1,15 @@
-"""Writers for the on-disk formats (WebDataset tar shards, Zarr v3 stores) and the converter.
+"""The on-disk formats (WebDataset tar shards, Zarr v3 stores), the manifest, the converter.
 
     from pipeline.formats import convert, verify
     convert(src, out, format="wds" | "zarr", ...) -> summary dict
     verify(out) -> report dict (raises VerifyError naming the bad shard)
 
-Modules: sources (read ImageFolder / CIFAR / IDX / npz), images (encode/decode), wds (tar +
-DALI index writer), zarr_store (sharded Zarr v3 array), convert (orchestration, resume),
-verify (re-read every sample through the manifest). Formats: docs/formats.md.
+Modules, lowest first: storage (local path or URL), layout (byte order of samples), errors,
+images (encode/decode), wds (tar + DALI index writer), zarr_store (sharded Zarr v3 array),
+registry (``FORMATS``: the per-format parts of convert and verify), manifest (the
+per-sample location table, ``open_dataset``), sources (read ImageFolder / CIFAR / IDX /
+npz), convert (orchestration, resume), verify (re-read every sample through the manifest).
+Formats: docs/formats.md.
 """
 from __future__ import annotations
 

@@ -28,6 +28,11 @@ def id_of_member(name: str) -> int:
     return int(os.path.basename(name).split(".", 1)[0])
 
 
+def tar_bytes(payload_len: int) -> int:
+    """Bytes one sample takes in a tar: .cls header+block, payload header+padded data."""
+    return 3 * BLOCK + -(-payload_len // BLOCK) * BLOCK
+
+
 def _header(name: str, size: int) -> bytes:
     ti = tarfile.TarInfo(name)
     ti.size, ti.mtime, ti.mode, ti.uid, ti.gid = size, MTIME, 0o644, 0, 0
