@@ -64,7 +64,7 @@ def our_loader(ds, keep, backend, batch, workers, threads, direct_io=False):
     policy = "full" if keep >= 1.0 else "uniform"
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy=policy, epochs=100, seed=0,
                         backend=backend, device="cpu", augment="cifar", num_workers=workers,
-                        num_threads=threads, direct_io=direct_io)
+                        options=pipeline.LoaderOptions.of(num_threads=threads, direct_io=direct_io))
     e = [0]
 
     def run():
