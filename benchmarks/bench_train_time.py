@@ -44,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     import pipeline
-    from trainers.classify import build_parser, build_training, cpu_seconds, train_step, _make_loader
+    from trainers.build import build_training, make_loader
+    from trainers.classify import build_parser
+    from trainers.epoch_loop import cpu_seconds, train_step
 
     ds = pipeline.open_dataset(a.data)
     runs = []
@@ -54,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(args.device)
-        loader = _make_loader(ds, args, 1, 0, args.device, train=True)
+        loader = make_loader(ds, args, 1, 0, args.device, train=True)
         model, _, opt, sched, steps, _ = build_training(args, ds, loader, device)
         amp = args.amp if args.amp is not None else device.type == "cuda"
         runs.append(dict(policy=policy, args=args, device=device, amp=amp, loader=loader, model=model, opt=opt,

@@ -1,7 +1,51 @@
-"""Per-epoch accounting: what was read, decoded and waited for, versus the full dataset."""
+"""Per-epoch accounting: what was read, decoded and waited for, versus the full dataset.
+
+An epoch's counters add up: over the parts of an epoch interrupted and resumed
+(:meth:`EpochStats.merge`) and over the ranks of a DDP run (:meth:`EpochStats.all_reduce`).
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import numbers
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Protocol
+
+# Fields that describe the epoch or the rank rather than count anything: never added up.
+_NOT_COUNTERS = frozenset({"epoch", "rank", "world_size", "resumed_at_step"})
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def sum_over_ranks(values: dict[str, Any], device: Any = None) -> dict[str, Any]:
+    """Sum each number of ``values`` over the ranks of torch.distributed, keeping int/float.
+
+    Returns a copy of ``values`` unchanged without an initialized process group. ``device``
+    is where the collective runs (the rank's CUDA device for NCCL, CPU for gloo).
+    """
+    try:
+        import torch
+        import torch.distributed as dist
+    except ImportError:  # no torch: a single process by definition
+        return dict(values)
+    if not values or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    keys = list(values)
+    # float64 holds integer counters exactly up to 2**53
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: int(v) if isinstance(values[k], numbers.Integral) else float(v)
+            for k, v in zip(keys, t.tolist())}
+
+
+class ReadCounts(Protocol):
+    """What a reader reports (``pipeline.read`` ``ReadCounters``)."""
+
+    samples: int
+    bytes: int
+    payload: int
+    requests: int
+    seconds: float
 
 
 @dataclass
@@ -52,10 +96,67 @@ class EpochStats:
     def images_per_s(self) -> float:
         return self.samples_delivered / self.epoch_s if self.epoch_s > 0 else 0.0
 
+    def counter_names(self) -> list[str]:
+        """Fields that add up over parts of an epoch and over ranks.
+
+        Everything numeric but the epoch/rank description and the ``dataset_*`` totals
+        (the same on every rank and every part).
+        """
+        return [f.name for f in fields(self) if f.name not in _NOT_COUNTERS
+                and not f.name.startswith("dataset_") and _is_number(getattr(self, f.name))]
+
+    def add_reads(self, c: ReadCounts) -> None:
+        """Add a reader's counters (samples, bytes, payload, requests, seconds)."""
+        self.samples_read += int(c.samples)
+        self.bytes_read += int(c.bytes)
+        self.payload_read += int(c.payload)
+        self.requests += int(c.requests)
+        self.read_s += float(c.seconds)
+
+    def merge(self, prior: EpochStats) -> EpochStats:
+        """The whole epoch from this part (after a resume) and ``prior`` (the part before the stop).
+
+        Counters are added, except ``samples_planned``: the resumed part plans only what was
+        left, so what ``prior`` delivered is added to it. The epoch/rank description, the
+        ``dataset_*`` totals and ``resumed_at_step`` are this part's.
+        """
+        out = replace(self, corrupt_ids=list(prior.corrupt_ids) + list(self.corrupt_ids))
+        for name in self.counter_names():
+            if name != "samples_planned":
+                setattr(out, name, getattr(self, name) + getattr(prior, name))
+        out.samples_planned = self.samples_planned + prior.samples_delivered
+        return out
+
+    def all_reduce(self, device: Any = None) -> EpochStats:
+        """These stats with every counter summed over the ranks (a copy; unchanged without DDP).
+
+        ``dataset_*`` totals are not summed. The ratio properties of the result compare all
+        ranks' reads with one rank's share, so per-rank ratios come from the unreduced stats.
+        """
+        return replace(self, **sum_over_ranks({n: getattr(self, n) for n in self.counter_names()}, device))
+
+    def to_json(self) -> dict:
+        """The numbers of :meth:`as_dict` (derived values too, the id list left out).
+
+        What checkpoints store: plain numbers, which ``torch.load(weights_only=True)`` accepts.
+        """
+        return {k: v for k, v in self.as_dict().items() if _is_number(v)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> EpochStats:
+        """Inverse of :meth:`to_json` (derived values are recomputed, not read)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def ratios(self) -> dict:
+        """The per-rank ratios: ``samples_fraction``, ``bytes_fraction``, ``images_per_s``."""
+        return dict(samples_fraction=self.samples_fraction, bytes_fraction=self.bytes_fraction,
+                    images_per_s=self.images_per_s)
+
     def as_dict(self) -> dict:
+        """Every field, plus ``merge_slack`` and :meth:`ratios`."""
         d = asdict(self)
-        d.update(merge_slack=self.merge_slack, samples_fraction=self.samples_fraction,
-                 bytes_fraction=self.bytes_fraction, images_per_s=self.images_per_s)
+        d.update(merge_slack=self.merge_slack, **self.ratios())
         return d
 
     def __str__(self) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+SCHEDULES = ("cosine", "linear", "constant")
+
 
 def total_steps(steps_per_epoch: Sequence[int]) -> int:
     """Sum of the per-epoch step counts."""

@@ -1,0 +1,164 @@
+"""Run set-up of ``python -m trainers.classify``: device and process group, the run directory,
+config.json and summary.json, and the checkpoints a run saves and resumes from.
+
+Checkpoints: rank 0 writes ``RUN_DIR/ckpt/last.pt`` (model, optimizer, scheduler, its loader
+state, the position in the run and the counters of a stopped epoch); every other rank writes
+``loader-rank<r>.pt`` with its own loader state and counters, since each rank reads its own
+slice of the plan.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipeline.plan.distributed import dist_env
+
+from . import checkpoint
+from .models import count_parameters
+
+
+@dataclass(frozen=True)
+class Run:
+    """Where this process trains: run directory, device, its rank, mixed precision."""
+
+    out: Path
+    device: torch.device
+    rank: int
+    world_size: int
+    amp: bool
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ck_dir(self) -> Path:
+        return self.out / "ckpt"
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if self.distributed:
+            dist.barrier()
+
+
+@dataclass
+class Progress:
+    """Position in the run: what a checkpoint restores besides the model and the loader."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    wall_s: float = 0.0   # training wall time, summed over the run's processes
+    cpu_s: float = 0.0
+    partial: dict = field(default_factory=dict)  # counters of a stopped epoch; empty at an epoch boundary
+
+
+def default_out(args: argparse.Namespace) -> str:
+    """``runs/<data>-<policy>-k<keep>-s<seed>``."""
+    name = Path(args.data.rstrip("/")).name
+    return str(Path("runs") / f"{name}-{args.policy}-k{args.keep:g}-s{args.seed}")
+
+
+def start_run(args: argparse.Namespace) -> Run:
+    """Pick the device (resolving ``args.device="auto"``), join the process group under
+    torchrun and create the run directory."""
+    env = dist_env()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device, env.local_rank) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if env.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    amp = args.amp if args.amp is not None else device.type == "cuda"
+    run = Run(Path(args.out or default_out(args)), device, env.rank, env.world_size, amp)
+    if run.is_main:
+        run.out.mkdir(parents=True, exist_ok=True)
+    run.barrier()  # the directory exists before any rank writes into it
+    return run
+
+
+def write_config(run: Run, args: argparse.Namespace, ds: Any, raw_model: nn.Module, lr: float,
+                 steps: list[int]) -> dict:
+    """The run's options, dataset, model and machine; written to config.json by rank 0."""
+    config = dict(vars(args), world_size=run.world_size, lr=lr, steps_per_epoch=steps, dataset_size=len(ds),
+                  num_classes=len(ds.classes), in_channels=int(ds.channels or 3),
+                  parameters=count_parameters(raw_model), amp=run.amp, torch=torch.__version__,
+                  python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
+                  torch_threads=torch.get_num_threads(),
+                  gpu=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
+                  data_name=Path(args.data.rstrip("/")).name)
+    if run.is_main:
+        (run.out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    return config
+
+
+def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, sched: Any, loader: Any) -> Progress:
+    """With ``--resume`` and a checkpoint: restore model, optimizer, schedule and loader, and
+    return where the run stopped (mid-epoch included); otherwise a fresh start."""
+    last = run.ck_dir / "last.pt"
+    if not args.resume:
+        return Progress()
+    if not last.exists():
+        if run.is_main:
+            print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
+        return Progress()
+    ck = checkpoint.load(last)
+    if ck["world_size"] != run.world_size:
+        raise SystemExit(f"checkpoint was written with world size {ck['world_size']}, not {run.world_size}")
+    raw_model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    mine = ck if run.rank == 0 else checkpoint.load(run.ck_dir / f"loader-rank{run.rank}.pt")
+    loader.load_state_dict(mine["loader"])
+    p = Progress(ck["epoch"], ck["step_in_epoch"], ck["global_step"], ck["wall_s"], ck.get("cpu_s", 0.0),
+                 mine.get("partial", {}) or {})
+    if run.is_main:
+        print(f"[classify] resumed from {last}: epoch {p.epoch} step {p.step_in_epoch}", flush=True)
+    return p
+
+
+def save_checkpoint(run: Run, raw_model: nn.Module, opt: Any, sched: Any, loader: Any, p: Progress,
+                    partial: dict | None) -> None:
+    """Rank 0 writes last.pt (everything); other ranks write their loader state only.
+
+    ``partial``: the counters of the epoch stopped at ``p``, None at an epoch boundary.
+    """
+    state: dict[str, Any] = {"loader": loader.state_dict(), "partial": partial}
+    if run.rank == 0:
+        state.update(model=raw_model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                     epoch=p.epoch, step_in_epoch=p.step_in_epoch, global_step=p.global_step, wall_s=p.wall_s,
+                     cpu_s=p.cpu_s, world_size=run.world_size)
+        checkpoint.save(state, run.ck_dir / "last.pt")
+    else:
+        checkpoint.save(state, run.ck_dir / f"loader-rank{run.rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()  # no rank goes on (or exits) before every rank's state is on disk
+
+
+def finish_run(run: Run, args: argparse.Namespace, p: Progress, stopped: bool, last_eval: dict,
+               t_start: float) -> dict:
+    """The run's summary; rank 0 writes summary.json when the run completed (not when stopped)."""
+    summary = dict(run=str(run.out), policy=args.policy, keep=args.keep, seed=args.seed, epochs=args.epochs,
+                   stopped=stopped, global_step=p.global_step, wall_s=p.wall_s, cpu_s=p.cpu_s,
+                   elapsed_s=time.perf_counter() - t_start, **last_eval)
+    if run.is_main and not stopped:
+        (run.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    run.barrier()
+    return summary
