@@ -40,8 +40,8 @@ class TinyResNet(nn.Module):
     """Small ResNet: 3x3 stem + three stages (one basic block each, stride 2) + global pool + linear.
 
     ``width`` sets the channels of the first stage (doubled per stage). Every stage halves
-    the resolution (32 -> 16 -> 8 -> 4): ~2,400 img/s training on 2 CPU cores at width 16
-    (4x faster than a stride-1 first stage, measured in docs/results.md).
+    the resolution (32 -> 16 -> 8 -> 4), which keeps CPU training affordable (its speed
+    against a stride-1 first stage is in docs/results.md).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 16,
