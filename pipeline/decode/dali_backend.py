@@ -26,6 +26,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..plan.distributed import dist_env
 from ..read.ranges import ReadCounters
 from ..read.source import meta_from_array, meta_to_array
 from ..read.table import TableHeader
@@ -194,8 +195,7 @@ class DaliBackend(Backend):
                     method = "spawn"  # CUDA already up in this process: fork is unsafe
             except Exception:
                 pass
-        device_id = cfg.device.index if cfg.device.index is not None else int(
-            os.environ.get("LOCAL_RANK", 0))
+        device_id = cfg.device.index if cfg.device.index is not None else dist_env().local_rank
         self._generation += 1
         self._epochs = 0       # DALI epochs (resets) of this pipeline: its epoch_idx
         self._built = False
