@@ -32,6 +32,7 @@ from ..read.source import meta_from_array, meta_to_array
 from ..read.table import TableHeader
 from .augment import AugmentSpec, sample_params
 from .backend import Backend, BackendConfig, RawBatch, decodable
+from .buffers import TensorPool
 
 __all__ = ["DaliBackend"]
 
@@ -142,19 +143,20 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
     return pipe
 
 
-def _to_torch(images, device):
-    """A DALI TensorList of float CHW images -> a torch tensor on ``device``."""
+def _to_torch(images, device, pool: TensorPool):
+    """A DALI TensorList of float CHW images -> a torch tensor on ``device`` (one copy, out
+    of DALI's buffer, which the next run reuses, into a pooled tensor)."""
     import torch
     from nvidia.dali.backend import TensorListGPU
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     t = images.as_tensor()
     if isinstance(images, TensorListGPU):
-        dst = torch.empty(t.shape(), dtype=torch.float32, device=device)
+        dst = pool.take(t.shape(), torch.float32, device)
         feed_ndarray(t, dst, cuda_stream=torch.cuda.current_stream(dst.device))
         return dst
-    dst = torch.empty(t.shape(), dtype=torch.float32)
-    feed_ndarray(t, dst)  # one copy, out of DALI's buffer (reused by the next run)
+    dst = pool.take(t.shape(), torch.float32)
+    feed_ndarray(t, dst)
     return dst if str(device) == "cpu" else dst.to(device, non_blocking=True)
 
 
@@ -179,6 +181,7 @@ class DaliBackend(Backend):
     def __init__(self, config: BackendConfig):
         super().__init__(config)
         self._generation = 0
+        self._pool = TensorPool()
         self._pipe = None
         self._new_pipeline()
 
@@ -226,7 +229,7 @@ class DaliBackend(Backend):
                     carry = ReadCounters()
                     self._delivered += 1
                     done += 1
-                    yield RawBatch(_to_torch(images, self.config.device),
+                    yield RawBatch(_to_torch(images, self.config.device, self._pool),
                                    meta_from_array(meta.as_array()), reads)
             except GeneratorExit:
                 self.abandon()
