@@ -68,8 +68,9 @@ class _Callback:
         return tuple(out[f] for f in self.fields)
 
 
-def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec):
-    """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU)."""
+def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool = False):
+    """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU); ``cropped``:
+    the decoder already cut the random-resized-crop window (ROI decode)."""
     from nvidia.dali import fn, types
 
     if spec.mode == "pad_crop":
@@ -78,8 +79,9 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec):
         images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False,
                           normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
     elif spec.mode == "rrc":
-        images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=True,
-                          normalized_shape=True, out_of_bounds_policy="trim_to_shape")
+        if not cropped:
+            images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=True,
+                              normalized_shape=True, out_of_bounds_policy="trim_to_shape")
         images = fn.resize(images, size=list(spec.out_size), antialias=True)
     elif spec.mode == "resize_center":
         images = fn.resize(images, resize_shorter=spec.resize_shorter, antialias=True)
@@ -131,12 +133,19 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
         if "length" in node:  # cut each packed row back to its payload (GPU decoder input)
             payload = fn.slice(payload, np.zeros(1, np.float32), node["length"], axes=[0],
                                normalized_anchor=False, normalized_shape=False)
+        cropped = spec.mode == "rrc" and codec not in ("raw", "npy")
+        decode_kw = dict(device="mixed" if gpu else "cpu",
+                         output_type=types.GRAY if cfg.channels == 1 else types.RGB)
         if codec in ("raw", "npy"):
             images = payload.gpu() if gpu else payload  # already pixels: no decoding
+        elif cropped:  # ROI decode: only the planned crop window is decoded
+            images = fn.decoders.image_slice(payload, node["anchor"], node["shape"], axes=[0, 1],
+                                             normalized_anchor=True, normalized_shape=True,
+                                             **decode_kw)
         else:
-            images = fn.decoders.image(payload, device="mixed" if gpu else "cpu",
-                                       output_type=types.GRAY if cfg.channels == 1 else types.RGB)
-        images = _augment_graph(images, node.get("anchor"), node.get("shape"), node.get("flip"), spec)
+            images = fn.decoders.image(payload, **decode_kw)
+        images = _augment_graph(images, node.get("anchor"), node.get("shape"), node.get("flip"),
+                                spec, cropped)
         pipe.set_outputs(images, node["meta"])
     if workers > 0:
         pipe.start_py_workers()
