@@ -107,7 +107,8 @@ class Loader:
                              direct_io=opt.read.direct_io)
         self.merge_gap = reader.merge_gap
         filler = make_filler(ds.codec, ds.sample_shape, int(ds.channels))
-        self.source = PlannedSource(ds, reader, self.bad, filler, verify_crc=opt.read.verify_crc)
+        self.source = PlannedSource(ds, reader, self.bad, filler,
+                                    verify_crc=opt.read.verify_crc and ds.has_checksums)
 
         self.scores = opt.plan.scores
         self.policy = self.planner = None

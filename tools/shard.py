@@ -5,9 +5,12 @@
         [--encode png|jpeg|npy --quality Q] [--resize HxW] [--limit N] [--name NAME]
         [--source-type imagefolder|cifar|idx|npz] [--overwrite] [--strict]
     python tools/shard.py --verify OUT
+    python tools/shard.py index SHARDS OUT [--label cls|txt|json:PATH|key:REGEX] [--workers N] [--strict]
 
 SRC: an ImageFolder tree (SRC/<class>/<file>), CIFAR-10/100 python batches, MNIST-family
-IDX files, or an .npz with x/y. Formats and manifest: docs/formats.md.
+IDX files, or an .npz with x/y. ``index`` writes a manifest for existing WebDataset shards
+(a directory, glob, brace pattern, list file or URLs) without copying them. Formats and
+manifest: docs/formats.md.
 """
 from __future__ import annotations
 
@@ -62,7 +65,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_index_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shard.py index",
+                                description="Index existing WebDataset shards in place (headers only).")
+    p.add_argument("shards", help="directory, glob, brace pattern, file listing shards, or URL(s)")
+    p.add_argument("out", help="output directory (manifest + DALI index files)")
+    p.add_argument("--label", default="cls",
+                   help="cls (default) | cls2 | txt | json:PATH (e.g. json:meta.class) | key:REGEX")
+    p.add_argument("--workers", type=int, default=4, help="shards indexed at once")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad shard or sample")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def index_main(argv: list[str]) -> int:
+    args = build_index_parser().parse_args(argv)
+    import time
+    from pipeline.formats.index import IndexError_, index
+    t0 = time.perf_counter()
+    try:
+        s = index(args.shards, args.out, label=args.label, strict=args.strict,
+                  workers=args.workers, progress=not args.no_progress)
+    except (IndexError_, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dt = time.perf_counter() - t0
+    print(f"indexed: {s['out']} ({s['num_samples']:,} samples in {s['num_shards']} shards, "
+          f"{s['num_samples'] / dt:,.0f} samples/s)")
+    if s["bytes_fetched"]:
+        print(f"  remote header bytes fetched {_fmt_bytes(s['bytes_fetched'])} of "
+              f"{_fmt_bytes(s['shard_bytes'])} ({s['bytes_fetched'] / s['shard_bytes']:.2%})")
+    for msg in s["skipped"][:20]:
+        print(f"  skipped: {msg}")
+    if len(s["skipped"]) > 20:
+        print(f"  ... and {len(s['skipped']) - 20} more skipped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     args = build_parser().parse_args(argv)
     from pipeline.formats import ConvertError, SourceError, VerifyError, convert, verify
     if args.verify:

@@ -132,6 +132,11 @@ class Dataset:
         """True for a URL root (columns in memory, data read by range requests)."""
         return is_url(self.root)
 
+    @property
+    def has_checksums(self) -> bool:
+        """False for shards indexed in place (formats/index.py): the crc32 column is empty."""
+        return (self.manifest.params or {}).get("checksums", True) is not False
+
     @cached_property
     def classes(self) -> list[str]:
         """Class names: label ``i`` is ``classes[i]``."""
@@ -140,9 +145,11 @@ class Dataset:
     @cached_property
     def files(self) -> list[str]:
         """Full path (or URL) of each data file."""
+        # entries are relative to the root, or (shards indexed in place) absolute paths / URLs
         if self.is_remote:
-            return [f"{self.root}/{e.path}" for e in self.file_entries]
-        return [os.path.join(self.root, e.path) for e in self.file_entries]
+            return [e.path if is_url(e.path) else f"{self.root}/{e.path}" for e in self.file_entries]
+        return [e.path if is_url(e.path) else os.path.join(self.root, e.path)
+                for e in self.file_entries]
 
     @cached_property
     def file_sizes(self) -> np.ndarray:

@@ -1,0 +1,161 @@
+"""Indexing third-party WebDataset shards in place (pipeline/formats/index.py, `shard.py index`).
+
+Shards are written by the `webdataset` library itself (ShardWriter: PAX headers, float
+mtimes), by GNU tar (long names, members in any order within a sample); every indexed
+sample must match what the `webdataset` library reads from the same shards.
+"""
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pipeline
+from pipeline.formats.index import IndexError_, index
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def jpegs(cifar_jpeg_root):
+    """(class name, jpeg bytes) for 12 images of each of the 10 CIFAR-10 classes."""
+    out = []
+    train = cifar_jpeg_root / "train"
+    for c in sorted(os.listdir(train)):
+        for f in sorted(os.listdir(train / c))[:12]:
+            out.append((c, (train / c / f).read_bytes()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def wds_shards(jpegs, tmp_path_factory):
+    import webdataset as wds
+    d = tmp_path_factory.mktemp("wds-shards")
+    classes = sorted({c for c, _ in jpegs})
+    with wds.ShardWriter(str(d / "part-%06d.tar"), maxcount=40, verbose=0) as w:
+        for i, (c, data) in enumerate(jpegs):
+            w.write({"__key__": f"{c}/sample{i:04d}", "jpg": data, "cls": str(classes.index(c)),
+                     "json": json.dumps({"meta": {"class": classes.index(c)}, "name": c})})
+    return d, classes
+
+
+def _wds_samples(shards):
+    import webdataset as wds
+    ds = wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False)
+    return {s["__key__"]: s for s in ds}
+
+
+@pytest.mark.parametrize("label", ["cls", "json:meta.class", "key:^([a-z]+)/"])
+def test_webdataset_shards_match_the_webdataset_library(wds_shards, tmp_path, label):
+    d, classes = wds_shards
+    shards = sorted(d.glob("*.tar"))
+    assert len(shards) == 3
+    s = index(str(d), str(tmp_path / "out"), label=label)
+    assert s["num_samples"] == 120 and not s["skipped"]
+    ds = pipeline.open_dataset(tmp_path / "out")
+    assert ds.files == [str(p) for p in shards] and not ds.has_checksums
+    ref = _wds_samples(shards)
+    assert len(ref) == len(ds) == 120
+    by_bytes = {bytes(v["jpg"]): v for v in ref.values()}
+    for i in range(len(ds)):
+        r = by_bytes[ds.read(i)]                          # the image member, byte for byte
+        assert ds.classes[ds.labels[i]] == r["__key__"].split("/")[0] if label.startswith("key") \
+            else int(ds.labels[i]) == int(r["cls"])
+    assert subprocess.run([sys.executable, str(REPO / "tools/shard.py"), "--verify",
+                           str(tmp_path / "out"), "--no-progress"]).returncode == 0
+
+
+def test_gnu_tar_long_names_any_member_order(jpegs, tmp_path):
+    src = tmp_path / "files"
+    key_dir = "a" * 60 + "/" + "b" * 50                   # > 100 characters: GNU long names
+    (src / key_dir).mkdir(parents=True)
+    names, want = [], {}
+    rnd = random.Random(0)
+    for i, (c, data) in enumerate(jpegs[:30]):
+        key = f"{key_dir}/k{i:03d}"
+        (src / f"{key}.jpg").write_bytes(data)
+        (src / f"{key}.cls").write_text(str(i % 10))
+        (src / f"{key}.json").write_text(json.dumps({"label": i % 10}))
+        members = [f"{key}.jpg", f"{key}.cls", f"{key}.json"]
+        rnd.shuffle(members)                              # any order within a sample
+        names += members
+        want[data] = i % 10
+    for fmt in ("gnu", "pax"):
+        tar = tmp_path / f"{fmt}.tar"
+        subprocess.run(["tar", "-cf", str(tar), f"--format={fmt}", "-C", str(src), *names], check=True)
+        out = tmp_path / f"out-{fmt}"
+        s = index(str(tar), str(out), label="json:label")
+        ds = pipeline.open_dataset(out)
+        assert s["num_samples"] == len(ds) == 30
+        assert {ds.read(i): int(ds.labels[i]) for i in range(30)} == want
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def test_bad_input_named_skipped_or_refused(jpegs, tmp_path):
+    img = jpegs[0][1]
+    good = [("s0.jpg", img), ("s0.cls", b"1"), ("s1.jpg", img), ("s1.cls", b"2")]
+    _tar(tmp_path / "noimage.tar", good + [("s2.txt", b"hi"), ("s2.cls", b"3")])
+    _tar(tmp_path / "dup.tar", good + [("s3.jpg", img), ("s3.cls", b"4"), ("s0.jpg", img)])
+    _tar(tmp_path / "badlabel.tar", good + [("s4.jpg", img), ("s4.cls", b"x")])
+    _tar(tmp_path / "nolabel.tar", good + [("s5.jpg", img)])
+    cases = {"noimage": "s2': no image member", "dup": "s0': duplicate key",
+             "badlabel": "'x' in .cls is not an integer", "nolabel": "s5': label 'cls': no .cls member"}
+    for name, msg in cases.items():
+        s = index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"out-{name}"))
+        assert any(msg in p and f"{name}.tar" in p for p in s["skipped"]), s["skipped"]
+        with pytest.raises(IndexError_, match=f"{name}.tar.*{msg[:12]}"):
+            index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"strict-{name}"), strict=True)
+    data = (tmp_path / "noimage.tar").read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
+    (tmp_path / "notar.tar").write_bytes(b"this is not a tar file at all" * 40)
+    for name, msg in (("cut", "truncated|runs past the end"), ("notar", "non-tar|not a tar")):
+        with pytest.raises(IndexError_, match=f"{name}.tar.*({msg})"):
+            index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"o-{name}"), strict=True)
+    s = index([str(tmp_path / "cut.tar"), str(tmp_path / "dup.tar")], str(tmp_path / "o-mixed"))
+    assert any("cut.tar" in p and "shard skipped" in p for p in s["skipped"]) and s["num_samples"] == 3
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_loader_reads_indexed_shards(wds_shards, tmp_path, backend):
+    d, _ = wds_shards
+    index(str(d), str(tmp_path / "out"))
+    ds = pipeline.open_dataset(tmp_path / "out")
+    L = pipeline.Loader(ds, 32, keep=0.7, policy="uniform", epochs=1, backend=backend, device="cpu",
+                        augment="imagenet", num_workers=0,
+                        options=pipeline.LoaderOptions.of(image_size=32))
+    ids, labels = [], []
+    for b in L.epoch(0):
+        ids.append(b.ids.numpy()); labels.append(b.labels.numpy())
+    ids, labels = np.concatenate(ids), np.concatenate(labels)
+    real = ids >= 0
+    assert real.sum() == round(0.7 * 120) == len(set(ids[real].tolist()))
+    np.testing.assert_array_equal(labels[real], np.asarray(ds.labels)[ids[real]])
+    assert L.stats(0).samples_corrupt == 0
+    L.close()
+
+
+def test_trainer_one_epoch_on_indexed_shards(wds_shards, tmp_path):
+    d, _ = wds_shards
+    assert subprocess.run([sys.executable, str(REPO / "tools/shard.py"), "index", str(d),
+                           str(tmp_path / "out"), "--no-progress"]).returncode == 0
+    r = subprocess.run([sys.executable, "-m", "trainers.classify", "--data", str(tmp_path / "out"),
+                        "--epochs", "1", "--batch-size", "32", "--width", "8", "--policy", "full",
+                        "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["train_samples"] == 120 and np.isfinite(rec["train_loss"])
