@@ -170,10 +170,11 @@ def group_samples(members: Iterator[Member]) -> Iterator[Sample]:
 
 class _ShardReader:
     """``read_at(offset, n)`` on a local shard (mmap, no readahead) or a URL (ranged reads of
-    ``WINDOW`` bytes, cached, so a header and a small member next to it cost one request)."""
+    ``WINDOW`` bytes; the last two are kept, so a header, a small member next to it and, once
+    the sample is complete, its label member cost one request)."""
 
     def __init__(self, path: str, storage_options: dict | None = None):
-        self.path, self.fetched, self._win = path, 0, (0, b"")
+        self.path, self.fetched, self._wins = path, 0, [(0, b""), (0, b"")]
         if is_url(path):
             import fsspec
             self._fs = fsspec.core.url_to_fs(path, **(storage_options or {}))[0]
@@ -191,13 +192,14 @@ class _ShardReader:
     def read_at(self, offset: int, n: int) -> bytes:
         if self._fs is None:
             return self._mm[offset:offset + n]
-        start, buf = self._win
-        if not (start <= offset and offset + n <= start + len(buf)):
-            end = min(self.size, offset + max(n, WINDOW))
-            buf = self._fs.cat_file(self.path, start=offset, end=end)
-            self.fetched += len(buf)
-            self._win = start, buf = offset, buf
-        return buf[offset - start:offset - start + n]
+        for start, buf in self._wins:
+            if start <= offset and offset + n <= start + len(buf):
+                return buf[offset - start:offset - start + n]
+        end = min(self.size, offset + max(n, WINDOW))
+        buf = self._fs.cat_file(self.path, start=offset, end=end)
+        self.fetched += len(buf)
+        self._wins = [self._wins[1], (offset, buf)]
+        return buf[:n]
 
     def close(self) -> None:
         if self._fs is None and self.size:
