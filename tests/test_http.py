@@ -127,3 +127,28 @@ def test_http_bytes_served_equal_planned(nginx, merge_gap, backend, workers):
             fi = int(np.flatnonzero(names == name)[0])
             inside = np.flatnonzero((ds.file == fi) & (ds.offset >= a) & (ds.offset < b))
             assert set(inside.tolist()) <= planned
+
+
+def test_index_remote_shards_headers_only(nginx, cifar_wds, tmp_path):
+    """`shard.py index` over HTTP: the same manifest as indexing the local files, and nginx
+    sends only header windows (fewer bytes than the shards hold)."""
+    from pipeline.formats.index import index
+    url, log = nginx
+    local = pipeline.open_dataset(cifar_wds)
+    names = [os.path.basename(f) for f in local.files]
+    time.sleep(0.2)
+    since = os.path.getsize(log)
+    s = index([f"{url}/{n}" for n in names], str(tmp_path / "remote"), workers=2)
+    time.sleep(0.3)
+    sent = 0
+    with open(log) as f:
+        f.seek(since)
+        for line in f:
+            sent += int(line.split(" ")[3])
+    r = pipeline.open_dataset(tmp_path / "remote")
+    assert len(r) == len(local) == s["num_samples"] and r.files[0].startswith("http://")
+    want = sorted(zip(local.file.tolist(), local.offset.tolist(), local.length.tolist(), local.labels.tolist()))
+    got = sorted(zip(r.file.tolist(), r.offset.tolist(), r.length.tolist(), r.labels.tolist()))
+    assert got == want
+    assert 0 < sent == s["bytes_fetched"] < int(np.asarray(local.file_sizes).sum())
+    assert r.read(0) == local.read(int(np.flatnonzero((local.file == r.file[0]) & (local.offset == r.offset[0]))[0]))

@@ -168,8 +168,10 @@ class Dataset:
 
     @cached_property
     def _fs(self):
+        """The filesystem of the data files (the root's, or the shards' own URLs)."""
         import fsspec
-        return fsspec.core.url_to_fs(self.root)[0]
+        remote = [f for f in self.files if is_url(f)]
+        return fsspec.core.url_to_fs(remote[0] if remote else self.root)[0]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -184,7 +186,7 @@ class Dataset:
             raise IndexError(f"sample {i} out of range 0..{self.num_samples - 1}")
         path = self.files[int(self.file[i])]
         off, n = int(self.offset[i]), int(self.length[i])
-        if self.is_remote:
+        if is_url(path):
             data = self._fs.cat_file(path, start=off, end=off + n)
         else:
             fd = os.open(path, os.O_RDONLY)
@@ -203,7 +205,7 @@ class Dataset:
         (truncated/modified) or (with ``verify_checksum``) whose sha256 differs (replaced)."""
         for path, entry in zip(self.files, self.file_entries):
             try:
-                size = self._fs.size(path) if self.is_remote else os.path.getsize(path)
+                size = self._fs.size(path) if is_url(path) else os.path.getsize(path)
             except (FileNotFoundError, OSError) as e:
                 raise ManifestError(f"data file missing: {path} ({e})") from e
             if size != entry.size:
@@ -212,7 +214,7 @@ class Dataset:
                                     f"{entry.size}")
             if verify_checksum and entry.sha256 is not None:
                 digest = hashlib.sha256()
-                opener = self._fs.open if self.is_remote else open
+                opener = self._fs.open if is_url(path) else open
                 with opener(path, "rb") as f:
                     for block in iter(lambda: f.read(1 << 22), b""):
                         digest.update(block)
