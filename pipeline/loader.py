@@ -37,6 +37,7 @@ from .plan.planner import EpochPlanner, eval_plan
 from .plan.policies import get_policy
 from .plan.scores import Scores
 from .read.reader import RangeReader
+from .read.remote import RetryPolicy
 from .read.source import BadSamples, Flag, PlannedSource, make_filler
 from .read.table import TableHeader
 from .stats import EpochStats
@@ -100,11 +101,14 @@ class Loader:
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.workdir, True)
         self.bad = BadSamples(os.path.join(self.workdir, "bad.npy"), self.n)
 
-        if opt.read.verify_files:
-            ds.check_files(verify_checksum=(opt.read.verify_files == "checksum"))
         reader = RangeReader(ds.files, ds.file_sizes, merge_gap=opt.read.merge_gap,
                              rank=ds.file_rank, storage_options=opt.read.storage_options,
-                             direct_io=opt.read.direct_io)
+                             direct_io=opt.read.direct_io,
+                             retry=RetryPolicy(opt.read.request_timeout, opt.read.retries))
+        if reader.remote:  # unreachable / missing / no Range support: one error, here
+            reader.probe()
+        if opt.read.verify_files:
+            ds.check_files(verify_checksum=(opt.read.verify_files == "checksum"))
         self.merge_gap = reader.merge_gap
         filler = make_filler(ds.codec, ds.sample_shape, int(ds.channels))
         self.source = PlannedSource(ds, reader, self.bad, filler,

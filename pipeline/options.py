@@ -54,7 +54,10 @@ class PlanOptions:
 @dataclass(frozen=True)
 class ReadOptions:
     """Reading: request merging (bytes or "neighbors"; default per storage), checks, remote
-    storage options, O_DIRECT, the corrupt-sample rule and the work directory."""
+    storage options, O_DIRECT, the corrupt-sample rule and the work directory.
+
+    ``request_timeout`` (seconds without a byte from the server) and ``retries`` (with
+    backoff) bound how long an http(s) read may fail before it raises (read/remote.py)."""
 
     merge_gap: int | str | None = None
     verify_crc: bool = True
@@ -63,9 +66,15 @@ class ReadOptions:
     direct_io: bool = False
     on_corrupt: OnCorrupt = OnCorrupt.SKIP
     workdir: str | None = None
+    request_timeout: float = 10.0
+    retries: int = 3
 
     def __post_init__(self):
         object.__setattr__(self, "on_corrupt", _enum(OnCorrupt, self.on_corrupt, "on_corrupt"))
+        if not float(self.request_timeout) > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
+        if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:
+            raise ValueError(f"retries must be an integer >= 0, got {self.retries!r}")
         if self.verify_files not in (None, "size", "checksum"):
             raise ValueError(f"verify_files must be 'size', 'checksum' or None, not {self.verify_files!r}")
         g = self.merge_gap

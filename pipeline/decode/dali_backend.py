@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 
 from ..plan.distributed import dist_env
+from ..read.errors import storage_error
 from ..read.ranges import ReadCounters
 from ..read.source import meta_from_array, meta_to_array
 from ..read.table import TableHeader
@@ -271,7 +272,16 @@ class DaliBackend(Backend):
     def _recover(self, err: Exception, candidates: np.ndarray) -> ReadCounters:
         """The pipeline died (e.g. an undecodable image): find the culprit among the next
         batches, mask it, rebuild the pipeline; re-delivering those batches reports the
-        culprits as corrupt.  Returns what the dead attempt and the probe read."""
+        culprits as corrupt.  Returns what the dead attempt and the probe read.  A storage
+        error (a reader's ShardError, typed again from a worker's traceback text) stops
+        the run as it is: re-reading from a failing server would only wait longer."""
+        storage = storage_error(err)
+        if storage is not None:
+            # a new pipeline for a later epoch (the dead one's readers may still wait on the
+            # server), and no active table: abandon() must not drain batches bound to fail
+            self._replace_pipeline()
+            self._finish()
+            raise storage from (None if storage is err else err)
         src = self.config.source
         ids = candidates[candidates >= 0]
         ids = ids[np.asarray(src.bad.mask[ids]) == 0]

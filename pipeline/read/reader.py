@@ -3,9 +3,11 @@
 Local files are read with ``os.pread`` on descriptors opened with
 ``posix_fadvise(POSIX_FADV_RANDOM)``: without it the kernel's readahead window pulls the
 pruned samples between two planned ones off the disk too, so skipping them in the plan
-would save nothing at the device (docs/architecture.md, "Reading").  URLs (``http(s)://``,
-``s3://``, ...) go through fsspec's ``cat_ranges``, one request per merged range
-(read/ranges.py says which ranges merge).
+would save nothing at the device (docs/architecture.md, "Reading").  ``http(s)://``
+URLs go through read/remote.py (fsspec's loop and session, but every answer checked:
+206 with the range asked for, a request timeout, retries with backoff, errors naming
+the URL and range); other URLs (``s3://``, ...) through fsspec's ``cat_ranges``; one
+request per merged range (read/ranges.py says which ranges merge).
 """
 from __future__ import annotations
 
@@ -16,13 +18,11 @@ from typing import Sequence
 import numpy as np
 
 from ..formats.storage import is_url, local_path
+from .errors import ShardError, ShardMissing
 from .ranges import ReadCounters, default_merge_gap, merge_ranges
+from .remote import HttpRanges, RetryPolicy, is_http
 
 __all__ = ["RangeReader", "ShardError", "logical_block_size"]
-
-
-class ShardError(IOError):
-    """A shard is missing, truncated, replaced or fails its checksum; the message names it."""
 
 
 class RangeReader:
@@ -35,7 +35,7 @@ class RangeReader:
     def __init__(self, files: Sequence[str], file_sizes: Sequence[int] | None = None,
                  merge_gap: int | str | None = None, rank: np.ndarray | None = None,
                  fadvise_random: bool = True, storage_options: dict | None = None,
-                 direct_io: bool = False):
+                 direct_io: bool = False, retry: RetryPolicy | None = None):
         self.files = [local_path(f) for f in files]
         self.file_sizes = None if file_sizes is None else np.asarray(file_sizes, dtype=np.int64)
         self.remote = bool(self.files) and is_url(self.files[0])
@@ -48,6 +48,7 @@ class RangeReader:
         self.direct_io = bool(direct_io) and not self.remote and hasattr(os, "O_DIRECT")
         self._align: dict[int, int] = {}
         self.storage_options = storage_options or {}
+        self.retry = retry or RetryPolicy()  # remote requests: timeout, retries, backoff
         self.counters = ReadCounters()
         self._pid = None
         self._fds: dict[int, int] = {}
@@ -68,6 +69,10 @@ class RangeReader:
             self._fs, _ = fsspec.core.url_to_fs(self.files[0], **self.storage_options)
         return self._fs
 
+    def _http(self) -> HttpRanges | None:
+        """The checked range client for http(s) datasets (None for other URL schemes)."""
+        return HttpRanges(self._filesystem(), self.retry) if is_http(self.files[0]) else None
+
     def _expect_size(self, i: int, size: int) -> None:
         if self.file_sizes is not None and int(self.file_sizes[i]) != int(size):
             raise ShardError(f"shard {self.files[i]} has {size} bytes, the manifest says "
@@ -80,7 +85,7 @@ class RangeReader:
             try:
                 fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct_io else 0))
             except FileNotFoundError as e:
-                raise ShardError(f"shard {path} is missing") from e
+                raise ShardMissing(f"shard {path} is missing") from e
             self._expect_size(i, os.fstat(fd).st_size)
             if self.direct_io:
                 self._align[i] = logical_block_size(path)
@@ -96,11 +101,11 @@ class RangeReader:
         if i in self._checked:
             return
         if self.remote:
-            fs = self._filesystem()
+            http = self._http()
             try:
-                size = fs.size(self.files[i])
+                size = http.size(self.files[i]) if http else self._filesystem().size(self.files[i])
             except FileNotFoundError as e:
-                raise ShardError(f"shard {self.files[i]} is missing") from e
+                raise ShardMissing(f"shard {self.files[i]} is missing") from e
             if size is not None:
                 self._expect_size(i, size)
         else:
@@ -114,6 +119,27 @@ class RangeReader:
                 os.close(fd)
         self._fds = {}
         self._checked = set()
+
+    def probe(self) -> None:
+        """Check file 0 and read one byte of it: a remote dataset whose server is
+        unreachable, lacks the shard or ignores ``Range`` fails here, once, before an
+        epoch starts (two small requests)."""
+        if not self.files:
+            return
+        self.check(0)
+        if self.remote and (self.file_sizes is None or int(self.file_sizes[0]) > 0):
+            zero = np.zeros(1, np.int64)
+            self.read(zero, zero, np.ones(1, np.int64), ids=zero)
+            self.counters = ReadCounters()  # the probe is not part of any epoch's reads
+
+    def like(self, **changes) -> "RangeReader":
+        """A new reader with this one's settings, ``changes`` applied (its own counters)."""
+        kw = dict(files=self.files, file_sizes=self.file_sizes, merge_gap=self.merge_gap,
+                  rank=self.rank, fadvise_random=self.fadvise_random,
+                  storage_options=self.storage_options, direct_io=self.direct_io,
+                  retry=self.retry)
+        kw.update(changes)
+        return RangeReader(**kw)
 
     def __getstate__(self):  # picklable for spawned workers: no descriptors travel
         d = dict(self.__dict__)
@@ -140,9 +166,13 @@ class RangeReader:
         for i in np.unique(g_file):
             self.check(int(i))
         if self.remote:
-            fs = self._filesystem()
-            blobs = fs.cat_ranges([self.files[int(i)] for i in g_file],
-                                  g_start.tolist(), g_end.tolist(), on_error="raise")
+            urls = [self.files[int(i)] for i in g_file]
+            http = self._http()
+            if http is not None:
+                blobs = http.ranges(urls, g_start.tolist(), g_end.tolist())
+            else:
+                blobs = self._filesystem().cat_ranges(urls, g_start.tolist(), g_end.tolist(),
+                                                      on_error="raise")
         elif self.direct_io:
             blobs = []
             for k, (i, s, e) in enumerate(zip(g_file.tolist(), g_start.tolist(), g_end.tolist())):

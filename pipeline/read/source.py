@@ -210,7 +210,7 @@ class PlannedSource:
         and the seconds it took."""
         ids = np.asarray(ids, dtype=np.int64)
         cols = self._columns()
-        probe = RangeReader(self.files, self.file_sizes, merge_gap=0)
+        probe = self.reader.like(merge_gap=0)  # the same storage options, timeout, retries
         try:
             bufs = probe.read(cols["file"][ids], cols["offset"][ids], cols["length"][ids])
             return [bytes(b) for b in bufs], probe.counters.seconds
