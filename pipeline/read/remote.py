@@ -32,9 +32,14 @@ from typing import Awaitable, Callable, Sequence
 
 from .errors import RangeNotSupported, RemoteError, RemoteUnreachable, ShardError, ShardMissing
 
-__all__ = ["RetryPolicy", "HttpRanges"]
+__all__ = ["RetryPolicy", "HttpRanges", "is_http"]
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def is_http(url: str) -> bool:
+    """True for ``http://`` and ``https://`` URLs (the ones this client reads)."""
+    return str(url).lower().startswith(("http://", "https://"))
 
 
 @dataclass(frozen=True)
