@@ -129,6 +129,7 @@ class Loader:
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[int] = set()
+        self._nonfinite_warned: set[int] = set()   # epochs whose all-NaN batch was reported
         self._last_batch: Batch | None = None
         # the backend starts its reader processes now, before anything touches CUDA
         self._backend = BACKENDS[backend](BackendConfig(
@@ -282,7 +283,14 @@ class Loader:
                 and ids.shape == last.ids.shape and torch.equal(ids.detach().to(last.ids.device), last.ids)):
             losses, weights = last.score_update(losses)
         detach = lambda x: x.detach() if torch.is_tensor(x) else x  # noqa: E731
-        self.scores.update(detach(ids), detach(losses), detach(weights))
+        real, bad = self.scores.update(detach(ids), detach(losses), detach(weights))
+        if bad and last is not None:    # reported in stats; an all-NaN batch warns once an epoch
+            self._stats[last.epoch].num_nonfinite += bad
+            if bad == real and last.epoch not in self._nonfinite_warned:
+                self._nonfinite_warned.add(last.epoch)
+                warnings.warn(f"epoch {last.epoch} step {last.step}: all {real} losses of the batch are "
+                              "NaN/inf (diverged? lower the LR); the scores ignore them", RuntimeWarning,
+                              stacklevel=2)
 
     def stats(self, epoch: int | None = None) -> EpochStats:
         """Counters of ``epoch`` (default: the latest epoch started)."""

@@ -65,6 +65,7 @@ class EpochStats:
     samples_read: int = 0      # samples whose bytes were read
     samples_corrupt: int = 0   # skipped: checksum mismatch or decode failure
     samples_padding: int = 0   # padding rows (weight 0) in the last batch / rank padding
+    num_nonfinite: int = 0     # losses reported through Loader.update that were NaN/inf (ignored)
     bytes_read: int = 0        # bytes transferred from storage (payload + merge slack)
     payload_read: int = 0      # bytes of the samples themselves
     requests: int = 0          # range requests issued

@@ -16,6 +16,8 @@ schedule, trainers/epoch_loop.py trains, evaluates and records the epochs.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from typing import Sequence
@@ -32,7 +34,7 @@ from .schedule import SCHEDULES
 
 # what other code (benchmarks, tests) imports from here
 _make_loader = make_loader
-__all__ = ["POLICIES", "build_parser", "main", "build_training", "make_loader", "resolve_augment", "train_step",
+__all__ = ["POLICIES", "build_parser", "check_args", "main", "build_training", "make_loader", "resolve_augment", "train_step",
            "evaluate", "cpu_seconds"]
 
 
@@ -86,9 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse values that would fail (or train garbage) later, before anything starts:
+    ``parser.error`` (exit status 2) naming the option and the value."""
+    def bad(opt: str, value: object, want: str) -> None:
+        parser.error(f"argument {opt}: {want}, got {value!r}")
+
+    finite = math.isfinite
+    for opt, value, lo in (("--batch-size", args.batch_size, 1), ("--eval-batch-size", args.eval_batch_size, 1),
+                           ("--epochs", args.epochs, 1), ("--eval-every", args.eval_every, 1),
+                           ("--width", args.width, 1), ("--workers", args.workers, 0),
+                           ("--threads", args.threads, 1), ("--max-steps", args.max_steps, 1)):
+        if value is not None and value < lo:
+            bad(opt, value, f"must be an integer >= {lo}")
+    if not (finite(args.keep) and 0.0 < args.keep <= 1.0):
+        bad("--keep", args.keep, "must be in (0, 1]")
+    if args.lr is not None and not (finite(args.lr) and args.lr > 0):
+        bad("--lr", args.lr, "must be a finite number > 0")
+    for opt, value, ok, want in (
+            ("--momentum", args.momentum, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+            ("--weight-decay", args.weight_decay, lambda v: v >= 0.0, "must be a finite number >= 0"),
+            ("--label-smoothing", args.label_smoothing, lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+            ("--warmup-epochs", args.warmup_epochs, lambda v: v >= 0.0, "must be a finite number >= 0")):
+        if not (finite(value) and ok(value)):
+            bad(opt, value, want)
+    try:
+        kwargs = json.loads(args.policy_kwargs)
+    except ValueError as e:
+        parser.error(f"argument --policy-kwargs: not valid JSON ({e}): {args.policy_kwargs!r}")
+    if not isinstance(kwargs, dict):
+        bad("--policy-kwargs", args.policy_kwargs, "must be a JSON object, e.g. '{\"temperature\": 2}'")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train; return the summary dict (also written to RUN_DIR/summary.json on rank 0)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     import pipeline
 
     t_start = time.perf_counter()

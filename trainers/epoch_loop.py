@@ -303,6 +303,10 @@ class EpochLoop:
             # counters would compare every rank's reads with one rank's share
             "io": dict(total.to_json(), **st.ratios()),
         }
+        rec["num_nonfinite"] = int(total.num_nonfinite)   # NaN/inf losses, ignored by the scores
+        if run.is_main and counts["n"] and total.num_nonfinite >= counts["n"]:
+            print(f"[classify] warning: epoch {epoch}: all {counts['n']} training losses were NaN/inf "
+                  "(the model diverged; try a lower --lr)", file=sys.stderr, flush=True)
         sc = self.loader.scores
         if sc is not None:
             seen = np.asarray(sc.seen)

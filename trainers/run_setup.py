@@ -119,6 +119,7 @@ def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, s
         if run.is_main:
             print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
         return Progress()
+    check_resume_config(run, args)
     ck = checkpoint.load(last)
     if ck["world_size"] != run.world_size:
         raise SystemExit(f"checkpoint was written with world size {ck['world_size']}, not {run.world_size}")
@@ -132,6 +133,26 @@ def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, s
     if run.is_main:
         print(f"[classify] resumed from {last}: epoch {p.epoch} step {p.step_in_epoch}", flush=True)
     return p
+
+
+# Options that shape the plan of every epoch: a resumed run must keep them.
+RESUME_FIXED = ("policy", "keep", "policy_kwargs", "seed", "epochs", "batch_size")
+
+
+def check_resume_config(run: Run, args: argparse.Namespace) -> None:
+    """Refuse ``--resume`` with options that change the plan (the run's config.json holds
+    the old values): the checkpoint's scores, position and LR schedule belong to those."""
+    path = run.out / "config.json"
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    norm = lambda k, v: json.loads(v) if k == "policy_kwargs" and isinstance(v, str) else v  # noqa: E731
+    changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
+               if k in old and norm(k, old[k]) != norm(k, getattr(args, k))]
+    if changed:
+        raise SystemExit(f"--resume: {path} was written with other options ({'; '.join(changed)}); the "
+                         "checkpoint's plan, scores and schedule depend on them: resume with the old "
+                         "values, or start a new run (another --out)")
 
 
 def save_checkpoint(run: Run, raw_model: nn.Module, opt: Any, sched: Any, loader: Any, p: Progress,

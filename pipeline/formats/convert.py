@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConvertError
-from .header import HEADER_NAME, MANIFEST_VERSION, ManifestError
-from .manifest import COLUMN_DIR, open_dataset, write_manifest
+from .header import MANIFEST_VERSION, ManifestError
+from .manifest import open_dataset, write_manifest
+from .outdir import STATE_DIR, OutLock, pause_point, prepare_out, start_state
 from .registry import FORMATS, Format, SamplePlan, ShardTask, get_format, remember_source
-from .sources import Source, SourceError, open_source, probe_image
+from .images import probe_image
+from .sources import Source, SourceError, open_source
+from .walk import display
 
 __all__ = ["convert", "parse_resize", "ConvertError", "SourceError"]
 
-STATE_DIR = ".convert"
 DEFAULT_SHARD_BYTES = 64 << 20
 PROBE_CHUNK = 256
 
@@ -111,41 +113,6 @@ def _journaled(out: str, k: int, n_rows: int) -> dict | None:
     return {"k": k, "rows": rows, "entry": entry, "written": False}
 
 
-# ----------------------------------------------------------------------------- output dir
-
-def _owned(name: str) -> bool:
-    return (name in (HEADER_NAME, COLUMN_DIR, STATE_DIR) or name.startswith(f".{HEADER_NAME}")
-            or any(fmt.owns(name) for fmt in FORMATS.values()))
-
-
-def _prepare_out(out: Path, fingerprint: str, overwrite: bool) -> str:
-    """Return "fresh", "resume" or "done"; refuse a different dataset unless overwrite."""
-    out.mkdir(parents=True, exist_ok=True)
-    existing = None
-    if (out / HEADER_NAME).exists():
-        existing = json.loads((out / HEADER_NAME).read_text()).get("fingerprint")
-        status = "done"
-    elif (out / STATE_DIR / "state.json").exists():
-        existing = json.loads((out / STATE_DIR / "state.json").read_text()).get("fingerprint")
-        status = "resume"
-    else:
-        status = "fresh"
-    entries = [p for p in out.iterdir()]
-    if existing == fingerprint and not overwrite:
-        return status
-    if entries and not overwrite:
-        if existing is not None:
-            raise ConvertError(f"{out} already holds a different dataset or conversion "
-                               f"(fingerprint {existing[:12]}, this one {fingerprint[:12]}): "
-                               "use --overwrite to replace it")
-        raise ConvertError(f"{out} is not empty and holds no conversion: choose an empty "
-                           "directory or use --overwrite")
-    for p in entries:                       # --overwrite removes only what we write
-        if _owned(p.name):
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return "fresh"
-
-
 # ----------------------------------------------------------------------------- plan
 
 def _readable(source: Source, order: np.ndarray, want: int, probes: dict[int, tuple],
@@ -169,8 +136,8 @@ def _readable(source: Source, order: np.ndarray, want: int, probes: dict[int, tu
                 bar.update(1)
             else:
                 if strict:
-                    raise ConvertError(f"corrupt or unreadable image {source.paths[key]}: {r[5]}")
-                skipped.append({"path": source.paths[key], "error": r[5]})
+                    raise ConvertError(f"corrupt or unreadable image {display(source.paths[key])}: {r[5]}")
+                skipped.append({"path": display(source.paths[key]), "error": r[5]})
     bar.close()
     for s in skipped:
         print(f"warning: skipped unreadable image {s['path']}: {s['error']}", file=sys.stderr)
@@ -214,19 +181,42 @@ def _task(fmt: Format, out: str, k: int, sl: slice, name: str, source: Source,
 
 # ----------------------------------------------------------------------------- convert
 
-def convert(src, out, *, format: str = "wds", source_type: str | None = None,
-            split: str | None = None, samples_per_shard: int | None = None,
-            shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
-            shuffle: bool = True, encode: str | None = None, quality: int = 95,
-            resize=None, overwrite: bool = False, strict: bool = False,
-            limit: int | None = None, name: str | None = None, progress: bool = True,
-            _stop_after: int | None = None) -> dict:
+def convert(src, out, **options) -> dict:
     """Convert ``src`` into ``out`` (format "wds" or "zarr"); return a summary dict.
 
-    ``limit`` keeps the first N samples after the seeded shuffle. Re-running the same call
-    resumes (finished shards are skipped); a different dataset in ``out`` is refused unless
-    ``overwrite``. Corrupt images are skipped and reported (``strict`` makes them fatal).
+    Options: see ``_convert``. ``limit`` keeps the first N samples after the seeded shuffle.
+    Re-running the same call resumes (finished shards are skipped), also after a kill at
+    any point; a different dataset in ``out`` is refused unless ``overwrite``; a second
+    conversion into the same ``out`` at the same time is refused (``outdir.OutLock``).
+    Corrupt images are skipped and reported (``strict`` makes them fatal).
     """
+    out = Path(out).absolute()
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with OutLock(out) as lock:
+            if lock.took_over:
+                print(f"note: {out}: took over the lock of a conversion that is no longer running "
+                      f"(pid {lock.took_over.get('pid')})", file=sys.stderr)
+            pause_point("locked")
+            return _convert(src, out, **options)
+    except BaseException:
+        try:                      # do not leave an empty OUT behind a refused conversion
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        except OSError:
+            pass
+        raise
+
+
+def _convert(src, out: Path, *, format: str = "wds", source_type: str | None = None,
+             split: str | None = None, samples_per_shard: int | None = None,
+             shard_bytes: int | None = None, workers: int = 1, seed: int = 0,
+             shuffle: bool = True, encode: str | None = None, quality: int = 95,
+             resize=None, overwrite: bool = False, strict: bool = False,
+             limit: int | None = None, name: str | None = None, progress: bool = True,
+             _stop_after: int | None = None) -> dict:
+    """``convert`` with ``out`` locked."""
     from tqdm import tqdm
     t0 = time.perf_counter()
     fmt = get_format(format)
@@ -241,9 +231,10 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
     name = name or "shard"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"name must be letters, digits, '_', '-', '.', got {name!r}")
-    out = Path(out).absolute()
 
     source = open_source(src, source_type=source_type, split=split)
+    for s in source.description.get("skipped_paths", ()):
+        print(f"warning: skipped {s['path']}: {s['reason']}", file=sys.stderr)
     params = {"format": format, "seed": seed, "shuffle": shuffle, "limit": limit,
               "encode": encode, "quality": quality if encode == "jpeg" or resize else None,
               "resize": list(resize) if resize else None, "samples_per_shard": samples_per_shard,
@@ -251,7 +242,7 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
     fingerprint = hashlib.sha256(json.dumps(
         {"version": MANIFEST_VERSION, "source": source.fingerprint, "params": params},
         sort_keys=True).encode()).hexdigest()
-    status = _prepare_out(out, fingerprint, overwrite)
+    status = prepare_out(out, fingerprint, overwrite)
     if status == "done":
         try:
             ds = open_dataset(out)
@@ -259,12 +250,18 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
         except ManifestError as e:
             raise ConvertError(f"{out} holds this dataset, complete, but damaged ({e}): "
                                "re-run with --overwrite to convert again") from e
+        # a run killed between writing manifest.json and removing its journal
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         return {"out": str(out), "status": "already complete", "format": format,
                 "num_samples": len(ds), "num_shards": len(ds.files),
                 "shards_written": 0, "shards_skipped": len(ds.files),
                 "skipped_samples": len((ds.manifest.source or {}).get("skipped", [])),
                 "seconds": time.perf_counter() - t0, "fingerprint": fingerprint}
-    (out / STATE_DIR).mkdir(exist_ok=True)
+    start_state(out, fingerprint)   # from here on a killed run resumes (docs/reliability.md)
+    removed = fmt.remove_partial(str(out))
+    if removed:
+        print(f"note: removed {len(removed)} half-written file(s) of an interrupted run "
+              f"({removed[0]}{', ...' if len(removed) > 1 else ''})", file=sys.stderr)
 
     # ---- order: seeded shuffle, then (image folders) drop unreadable images
     n_src = len(source)
@@ -273,6 +270,7 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
     skipped: list[dict] = []
     probes: dict[int, tuple] = {}
     if source.is_encoded:
+        pause_point("check")
         keys = _readable(source, order, want, probes, skipped, workers, strict, progress)
     else:
         keys = order[:want].astype(np.int64)
@@ -315,6 +313,8 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
     for res in _pool_map(_write_shard, tasks, workers, ordered=False):
         results[res["k"]] = res
         written += 1
+        if written == 1:
+            pause_point("write")
         bar.update(len(res["rows"]))
         if _stop_after is not None and written >= _stop_after:
             bar.close()
@@ -342,6 +342,7 @@ def convert(src, out, *, format: str = "wds", source_type: str | None = None,
         **fmt.header_fields(entries, plan, samples_per_shard),
     }
     write_manifest(out, header, columns)
+    pause_point("manifest")
     shutil.rmtree(out / STATE_DIR, ignore_errors=True)
 
     seconds = time.perf_counter() - t0

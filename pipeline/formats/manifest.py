@@ -112,6 +112,37 @@ class Dataset:
             if column is None or len(column) != self.num_samples:
                 raise ManifestError(f"{self.root}: column {name} is missing or does not have "
                                     f"{self.num_samples} rows")
+        self._check_columns()
+
+    def _check_columns(self) -> None:
+        """Refuse columns that point outside the header (cheap: a min/max per column), so
+        that a damaged manifest fails here, naming it, not as an IndexError mid-epoch."""
+        where = header_path(self.root)
+        n_files, n_classes = len(self.manifest.files), len(self.manifest.classes)
+        index = self.manifest.index_files
+        if index is not None and len(index) != n_files:
+            raise ManifestError(f"{where}: {len(index)} index files for {n_files} data files")
+        if self.num_samples == 0:
+            return
+        top = int(self.file.max())
+        if top >= n_files:
+            raise ManifestError(f"{where}: samples point at data file {top}, but 'files' lists only "
+                                f"{n_files} (the file list is cut short?)")
+        lo, hi = int(self.labels.min()), int(self.labels.max())
+        if lo < 0 or hi >= n_classes:
+            bad = lo if lo < 0 else hi
+            raise ManifestError(f"{where}: label {bad} is outside the {n_classes} classes "
+                                f"(0..{n_classes - 1})")
+        sizes = self.file_sizes.astype(np.uint64)
+        for a in range(0, self.num_samples, 1 << 22):      # bounded work memory at any N
+            sl = slice(a, a + (1 << 22))
+            end = np.asarray(self.offset[sl], np.uint64) + np.asarray(self.length[sl], np.uint64)
+            over = np.flatnonzero(end > sizes[np.asarray(self.file[sl])])
+            if over.size:
+                i = a + int(over[0])
+                fi = int(self.file[i])
+                raise ManifestError(f"{where}: sample {i} ends at byte {int(end[over[0]])}, past the "
+                                    f"end of {self.file_entries[fi].path} ({int(sizes[fi])} bytes)")
 
     # Header values: "wds" or "zarr"; jpeg, png, npy, raw or mixed; channels a decoder
     # yields; rows (= len(ds)); the (H, W, C) all samples share, None if sizes differ.

@@ -15,6 +15,7 @@ import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -133,6 +134,10 @@ class Format(ABC):
     def owns(self, name: str) -> bool:
         """True for an entry of OUT this format writes (--overwrite removes only those)."""
 
+    def remove_partial(self, out: str) -> list[str]:
+        """Remove the half-written files a killed shard write leaves; return their paths."""
+        return []
+
     @abstractmethod
     def header_fields(self, entries: list[dict[str, Any]], plan: SamplePlan,
                       samples_per_shard: int) -> dict[str, Any]:
@@ -230,6 +235,12 @@ class WdsFormat(Format):
     def owns(self, name):
         return re.fullmatch(r".+-\d{6}\.(tar|idx)(\.tmp)?", name) is not None
 
+    def remove_partial(self, out):
+        found = [p for p in sorted(os.listdir(out)) if re.fullmatch(r".+-\d{6}\.(tar|idx)\.tmp", p)]
+        for p in found:
+            os.unlink(os.path.join(out, p))
+        return found
+
     def header_fields(self, entries, plan, samples_per_shard):
         return {"index_files": [e["index"] for e in entries], "member_name": "{id:09d}.{ext}"}
 
@@ -314,6 +325,13 @@ class ZarrFormat(Format):
 
     def owns(self, name):
         return name == zarr_store.GROUP
+
+    def remove_partial(self, out):
+        # zarr writes each object to "<name>.<uuid>.partial" and renames it when complete
+        found = sorted(str(p) for p in Path(out, zarr_store.GROUP).rglob("*.partial"))
+        for p in found:
+            os.unlink(p)
+        return found
 
     def header_fields(self, entries, plan, samples_per_shard):
         shape = list(plan.sample_shape)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import pickle
 import struct
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .walk import WalkReport, display, walk_images
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                     ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -153,27 +154,28 @@ def _open_imagefolder(path: Path, split: str | None) -> Source:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise SourceError(f"empty source: no class directories in {root}")
+    for cls in classes:     # class names go into manifest.json: they must be text
+        if display(cls) != cls:
+            raise SourceError(f"class directory name is not valid UTF-8: {display(str(root / cls))} "
+                              "(rename it)")
     paths: list[str] = []
     labels: list[int] = []
     digest = hashlib.sha256()
+    report = WalkReport()
     for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                    continue
-                full = os.path.join(dirpath, name)
-                paths.append(full)
-                labels.append(label)
-                rel = os.path.relpath(full, root)
-                digest.update(f"{rel}\t{os.path.getsize(full)}\t{label}\n".encode())
+        for full in walk_images(root / cls, IMAGE_EXTENSIONS, report):
+            paths.append(full)
+            labels.append(label)
+            rel = os.fsencode(os.path.relpath(full, root))   # file names may be any bytes
+            digest.update(rel + f"\t{os.path.getsize(full)}\t{label}\n".encode())
     if not paths:
         raise SourceError(f"empty source: no image files under {root}")
     digest.update(("\n".join(classes)).encode())
+    description = {"type": "imagefolder", "path": str(root), "split": split, "num_samples": len(paths)}
+    if report.skipped:
+        description["skipped_paths"] = report.skipped
     return Source(kind="imagefolder", root=str(root), split=split, classes=classes,
-                  labels=np.asarray(labels, dtype=np.int64),
-                  description={"type": "imagefolder", "path": str(root), "split": split,
-                               "num_samples": len(paths)},
+                  labels=np.asarray(labels, dtype=np.int64), description=description,
                   fingerprint=digest.hexdigest(), paths=paths)
 
 
@@ -372,26 +374,3 @@ def _load_npz(src: Source):
 
 
 _LOADERS = {"idx": _load_idx, "cifar": _load_cifar, "npz": _load_npz}
-
-
-# ----------------------------------------------------------------------------- images
-
-def channels_of_mode(mode: str) -> int:
-    """Channels a decoder yields for a PIL mode (palette and CMYK decode to RGB)."""
-    if mode in ("1", "L", "I", "F", "I;16", "I;16B", "I;16L"):
-        return 1
-    if mode in ("LA", "La"):
-        return 2
-    if mode in ("RGBA", "PA", "RGBa"):
-        return 4
-    return 3
-
-
-def probe_image(path: str) -> tuple[str, int, int, int]:
-    """Fully decode one image file; return (PIL format, H, W, C). Raises on a corrupt file."""
-    from PIL import Image
-    with open(path, "rb") as f:
-        data = f.read()
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()          # full decode: catches truncated and corrupt files
-        return img.format or "", img.height, img.width, channels_of_mode(img.mode)

@@ -10,15 +10,21 @@ buffer (16 bytes per reported loss until the next sync).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 
 from . import distributed as _dist
 
-__all__ = ["Scores"]
+__all__ = ["Scores", "SCORE_LIMIT"]
 
 _STATE_VERSION = 1
+
+# |ema| and sqrt(var) are kept at most SCORE_LIMIT, so var <= SCORE_LIMIT**2 = 1e30 fits
+# float32 (max 3.4e38) and the policies' sums and products (ema + c*std, a few million of
+# them added in float64) stay finite. Any real loss is many orders of magnitude below it.
+SCORE_LIMIT = 1e15
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -74,13 +80,14 @@ class Scores:
         return sum(len(i) for i, _, _ in self._pending)
 
     # -- updates -------------------------------------------------------------------------
-    def update(self, ids: Any, losses: Any, weights: Any = None) -> None:
+    def update(self, ids: Any, losses: Any, weights: Any = None) -> tuple[int, int]:
         """Buffer per-sample losses (numpy or torch, any device).
 
         `weights` (optional, in [0, 1]) scale how far one observation moves the EMA: a
         weight-w loss moves it w times a full step (used for mixed samples, see
         docs/algorithm.md "Mixup and score updates"). Ids equal to -1 (plan padding) are
-        skipped. NaN/inf losses are ignored and counted in `num_nonfinite`.
+        skipped. NaN/inf losses are ignored and counted in `num_nonfinite`. Returns
+        (real losses given, how many of them were NaN/inf), for the caller's accounting.
         """
         ids = _to_numpy(ids, "ids")
         losses = _to_numpy(losses, "losses")
@@ -109,12 +116,15 @@ class Scores:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"sample id {bad} out of range [0, {self.n}) (-1 = padding is allowed)")
         finite = np.isfinite(losses)
-        self._pending_nonfinite += int(np.count_nonzero(keep & ~finite))
+        real = int(np.count_nonzero(keep))
+        nonfinite = int(np.count_nonzero(keep & ~finite))
+        self._pending_nonfinite += nonfinite
         keep &= finite & (w > 0)
         if not keep.all():
             ids, losses, w = ids[keep], losses[keep], w[keep]
         if ids.size:
             self._pending.append((ids, losses, w))
+        return real, nonfinite
 
     def sync(self, epoch: int | None = None) -> int:
         """Apply the buffered losses (gathered from all ranks under torch.distributed).
@@ -169,7 +179,9 @@ class Scores:
             touched, inv = np.unique(ids, return_inverse=True)
             sw = np.bincount(inv, weights=w, minlength=touched.size)
             swl = np.bincount(inv, weights=wl, minlength=touched.size)
-        mean = swl / sw
+        # A finite float32 loss can still overflow the float32 variance (1e20**2): compute
+        # in float64 and clip to SCORE_LIMIT before storing (docs/algorithm.md "Scores").
+        mean = np.clip(swl / sw, -SCORE_LIMIT, SCORE_LIMIT)
         alpha = (1.0 - self.decay) * np.minimum(sw, 1.0)
         first = self.count[touched] == 0
         ema = self.ema[touched].astype(np.float64)
@@ -177,8 +189,8 @@ class Scores:
         d = mean - ema
         new_ema = np.where(first, mean, ema + alpha * d)
         new_var = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * d * d))
-        self.ema[touched] = new_ema
-        self.var[touched] = new_var
+        self.ema[touched] = np.clip(new_ema, -SCORE_LIMIT, SCORE_LIMIT)
+        self.var[touched] = np.minimum(new_var, SCORE_LIMIT * SCORE_LIMIT)
         self.count[touched] += 1
         self.last_epoch[touched] = self.epoch
 
@@ -226,3 +238,16 @@ class Scores:
         self.ema, self.var = loaded["ema"], loaded["var"]
         self.count, self.last_epoch = loaded["count"], loaded["last_epoch"]
         self._pending = [(ids, losses, w)] if ids.size else []
+        self._sanitize()
+
+    def _sanitize(self) -> None:
+        """Repair scores saved before values were clipped (a checkpoint written after a loss
+        of 1e20 holds var = inf, later NaN): out-of-range values are clipped, and NaN scores
+        make their sample count as never seen again (measured afresh), with a warning."""
+        nan = np.isnan(self.ema) | np.isnan(self.var)
+        if nan.any():
+            warnings.warn(f"Scores: {int(nan.sum())} sample(s) had NaN scores in the loaded state; "
+                          f"they count as never seen", RuntimeWarning, stacklevel=3)
+            self.ema[nan], self.var[nan], self.count[nan], self.last_epoch[nan] = 0, 0, 0, -1
+        np.clip(self.ema, -SCORE_LIMIT, SCORE_LIMIT, out=self.ema)
+        np.clip(self.var, 0.0, SCORE_LIMIT * SCORE_LIMIT, out=self.var)

@@ -33,8 +33,10 @@ class UCBPolicy(_BanditPolicy):
         self.c = float(c)
 
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
-        ucb = scores.ema + self.c * np.sqrt(scores.var)
-        ucb = np.where(scores.seen, ucb.astype(np.float64), np.inf)
+        # float64: ema + c*std must not overflow float32 for a large c (scores are clipped
+        # at SCORE_LIMIT, c is the user's)
+        ucb = scores.ema.astype(np.float64) + self.c * np.sqrt(scores.var.astype(np.float64))
+        ucb = np.where(scores.seen, ucb, np.inf)
         return self._hard(_top_k(ucb, k, rng), len(scores), {})
 
 
