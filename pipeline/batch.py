@@ -103,20 +103,58 @@ class LastBatch(str, Enum):
 @dataclass(frozen=True)
 class BatchPlan:
     """One rank's epoch cut into batches: ``ids`` int64 ``[steps, B]`` (-1 = padding),
-    ``weights`` and ``mixup`` float32 ``[steps, B]`` (0 on padding)."""
+    ``weights`` and ``mixup`` float32 ``[steps, B]`` (0 on padding), ``fill`` int64
+    ``[steps, B]``: the real sample read for each padding row (-1 = the filler, and on
+    real rows).  ``first_step`` numbers the first row (an epoch resumed on another world
+    size continues its step count, see ``Loader.load_state_dict``)."""
 
     ids: np.ndarray
     weights: np.ndarray
     mixup: np.ndarray
+    fill: np.ndarray
+    first_step: int = 0
 
     @property
     def steps(self) -> int:
-        return int(self.ids.shape[0])
+        """Steps of the epoch on this rank, counting from step 0."""
+        return self.first_step + int(self.ids.shape[0])
+
+    def rows(self, start: int) -> np.ndarray:
+        """The table rows of steps ``start..`` (int64 ``[n, 2, B]``: ids, fill), what a
+        backend publishes (read/table.py)."""
+        lo = start - self.first_step
+        return np.stack([self.ids[lo:], self.fill[lo:]], axis=1)
+
+    def row(self, step: int) -> int:
+        """Index of ``step`` in the arrays."""
+        return step - self.first_step
+
+
+def fill_ids(ids: np.ndarray, pool: np.ndarray | None) -> np.ndarray:
+    """What each padding row of ``ids`` (any shape, -1 = padding) reads instead of the
+    filler: the padding rows, in row-major order, take ``pool[0], pool[1], ...`` (cycling
+    when there are more padding rows than pool entries).  Real rows and an empty or absent
+    ``pool`` give -1 (the filler).  Pure: the same plan always gives the same fill."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.full(ids.shape, -1, dtype=np.int64)
+    pad = ids < 0
+    n = int(pad.sum())
+    if n and pool is not None and len(pool):
+        pool = np.asarray(pool, dtype=np.int64)
+        out[pad] = pool[np.arange(n) % len(pool)]
+    return out
 
 
 def cut_batches(ids: np.ndarray, weights: np.ndarray, mixup: np.ndarray, batch_size: int,
-                last: LastBatch) -> BatchPlan:
-    """Cut one rank's plan into ``[steps, batch_size]`` arrays (pure function)."""
+                last: LastBatch, fill_from: np.ndarray | None = None,
+                first_step: int = 0) -> BatchPlan:
+    """Cut one rank's plan into ``[steps, batch_size]`` arrays (pure function).
+
+    ``fill_from``: real planned samples whose images the padding rows carry (training:
+    the rank's own plan, from its start, so that BatchNorm in training mode only ever
+    sees real images; :func:`fill_ids`); None: padding rows carry the filler
+    (evaluation).  ``first_step``: the step number of the first row.
+    """
     steps = len(ids) // batch_size if last is LastBatch.DROP else -(-len(ids) // batch_size)
     total = steps * batch_size
 
@@ -128,7 +166,9 @@ def cut_batches(ids: np.ndarray, weights: np.ndarray, mixup: np.ndarray, batch_s
 
     ids = np.asarray(ids, dtype=np.int64)
     w = np.where(ids >= 0, weights, 0)
-    return BatchPlan(fit(ids, -1, np.int64), fit(w, 0.0, np.float32), fit(mixup, 0.0, np.float32))
+    cut = fit(ids, -1, np.int64)
+    return BatchPlan(cut, fit(w, 0.0, np.float32), fit(mixup, 0.0, np.float32),
+                     fill_ids(cut, fill_from), int(first_step))
 
 
 @dataclass

@@ -33,7 +33,8 @@ from .decode.backend import BackendConfig, RawBatch
 from .formats.storage import is_url
 from .options import LoaderOptions, OnCorrupt
 from .plan.distributed import check_plan_digest, dist_env
-from .plan.planner import EpochPlanner, eval_plan
+from .plan.elastic import combine_states
+from .plan.planner import EpochPlanner, eval_plan, num_steps, remaining_plan
 from .plan.policies import get_policy
 from .plan.scores import Scores
 from .read.reader import RangeReader
@@ -44,7 +45,7 @@ from .stats import EpochStats
 
 __all__ = ["Loader", "CorruptSampleError"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: "layout" (an epoch's earlier parts and their world sizes)
 
 
 class CorruptSampleError(RuntimeError):
@@ -126,6 +127,8 @@ class Loader:
         self._synced_epoch: int | None = None
         self._plan: tuple[int, BatchPlan] | None = None
         self._resume: tuple[int, int] | None = None
+        # (epoch, its earlier parts as (world size, steps)): an epoch resumed on another world size
+        self._layout: tuple[int, tuple[tuple[int, int], ...]] = (-1, ())
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._stats: dict[int, EpochStats] = {}
         self._warned: set[int] = set()
@@ -153,9 +156,17 @@ class Loader:
 
     # -- planning -------------------------------------------------------------------------
     def batch_plan(self, epoch: int) -> BatchPlan:
-        """This rank's batches of ``epoch`` (planned once per epoch; syncs scores once)."""
+        """This rank's batches of ``epoch`` (planned once per epoch; syncs scores once).
+
+        Training: padding rows carry real samples of this rank's plan (``fill``, from its
+        start; the whole plan's if this rank has none) at weight 0, so that a model in
+        training mode never sees a fake image; evaluation: the filler.  An epoch resumed
+        on another world size plans what its earlier parts left (``remaining_plan``), its
+        steps numbered on from theirs (``BatchPlan.first_step``).
+        """
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
+        segments = self._segments(epoch)
         if not self.train:
             plan = eval_plan(self.n, self.ds.byte_order, self.world_size)
         else:
@@ -164,16 +175,35 @@ class Loader:
                 self._synced_epoch = epoch
             plan = self.planner.plan(epoch)
             check_plan_digest(plan)
+            if segments:
+                plan = remaining_plan(plan, segments, self.batch_size, self.world_size)
         mine = plan.rank(self.rank)
-        bp = cut_batches(mine.ids, mine.weights, mine.mixup, self.batch_size, self.last_batch)
+        pool = None
+        if self.train:
+            pool = mine.ids[mine.ids >= 0]
+            if not len(pool):
+                pool = plan.ids[plan.ids >= 0]
+        bp = cut_batches(mine.ids, mine.weights, mine.mixup, self.batch_size, self.last_batch,
+                         fill_from=pool, first_step=sum(s for _, s in segments))
         self._plan = (epoch, bp)
         return bp
 
+    def _segments(self, epoch: int) -> tuple[tuple[int, int], ...]:
+        """The earlier parts of ``epoch`` (world size, steps) when it resumed on another world size."""
+        return self._layout[1] if self._layout[0] == epoch else ()
+
     def steps_per_epoch(self, epoch: int = 0) -> int:
-        """Batches this rank yields in ``epoch`` (known before the epoch starts)."""
+        """Batches this rank yields in ``epoch`` (known before the epoch starts), counted
+        from step 0 (an epoch resumed on another world size: its earlier parts' steps too)."""
+        drop = self.last_batch is LastBatch.DROP
+        segments = self._segments(epoch) if self.train else ()
+        if segments:  # what the earlier parts left of K planned samples, re-sliced
+            k = self.policy.num_selected(self.n, epoch)
+            left = remaining_plan(eval_plan(k, None, 1), segments, self.batch_size, self.world_size)
+            return sum(s for _, s in segments) + num_steps(left.num_planned, self.world_size,
+                                                           self.batch_size, drop)
         if self.train:
-            return int(self.planner.steps_per_epoch(epoch, self.batch_size,
-                                                    self.last_batch is LastBatch.DROP))
+            return int(self.planner.steps_per_epoch(epoch, self.batch_size, drop))
         per = -(-self.n // self.world_size)
         return -(-per // self.batch_size)
 
@@ -186,9 +216,10 @@ class Loader:
         if self._resume is not None and self._resume[0] == epoch:
             first = min(self._resume[1], bp.steps)
         self._resume = None
+        first = max(first, bp.first_step)
         st = EpochStats(epoch=epoch, rank=self.rank, world_size=self.world_size,
-                        steps=bp.steps - first, resumed_at_step=first,
-                        samples_planned=int((bp.ids[first:] >= 0).sum()), dataset_samples=self.n,
+                        resumed_at_step=first,
+                        samples_planned=int((bp.ids[bp.row(first):] >= 0).sum()), dataset_samples=self.n,
                         dataset_payload=int(np.asarray(self.ds.length, dtype=np.int64).sum()),
                         dataset_file_bytes=int(np.asarray(self.ds.file_sizes).sum()))
         self._stats[epoch] = st
@@ -196,7 +227,7 @@ class Loader:
         if first >= bp.steps:
             return
         header = TableHeader(epoch=epoch, first_step=first, rank=self.rank, seed=self.seed)
-        raws = self._backend.start(bp.ids[first:], header)
+        raws = self._backend.start(bp.rows(first), header)
         step, finished = first, False
         try:
             while True:
@@ -207,6 +238,7 @@ class Loader:
                     break
                 st.wait_s += time.perf_counter() - t0
                 batch = self._make_batch(epoch, step, raw, bp, st)
+                st.steps += 1
                 step += 1
                 self._position = (epoch, step)
                 st.epoch_s = time.perf_counter() - t_start
@@ -214,7 +246,7 @@ class Loader:
                 yield batch
         finally:
             if not finished:  # the caller left early (or an error): stop the backend's epoch
-                st.add_reads(self._backend.abandon())
+                st.add_abandoned(self._backend.abandon())
             raws.close()
             st.epoch_s = time.perf_counter() - t_start
         if step != bp.steps:
@@ -225,7 +257,8 @@ class Loader:
                     st: EpochStats) -> Batch:
         st.add_reads(raw.reads)
         st.decode_s += raw.decode_s
-        ids = bp.ids[step]
+        row = bp.row(step)
+        ids = bp.ids[row]
         meta = raw.meta
         if not np.array_equal(meta["id"], ids):  # the backend must deliver the planned batch
             raise RuntimeError(f"epoch {epoch} step {step}: backend delivered ids "
@@ -240,7 +273,7 @@ class Loader:
         dev = self.device
         images = raw.images.to(dev, non_blocking=True)
         info = None
-        mix = bp.mixup[step]
+        mix = bp.mixup[row]
         if self.mixup and mix.any():
             partner, lam, mixed = draw_mixup(mix, valid, self.options.batch.mixup_alpha,
                                              self.seed, epoch, self.rank, step)
@@ -249,7 +282,7 @@ class Loader:
                                torch.from_numpy(mixed)).to(dev)
                 images = apply_mixup(images, info)
         labels = np.where(valid, meta["label"], 0).astype(np.int64)
-        weights = np.where(valid, bp.weights[step], 0).astype(np.float32)
+        weights = np.where(valid, bp.weights[row], 0).astype(np.float32)
         return Batch(images=images, labels=torch.from_numpy(labels).to(dev),
                      ids=torch.from_numpy(ids.astype(np.int64)).to(dev),
                      weights=torch.from_numpy(weights).to(dev), mix=info, epoch=epoch, step=step)
@@ -299,29 +332,41 @@ class Loader:
         return self._stats[epoch]
 
     def state_dict(self) -> dict:
-        """Position and scores (torch tensors / python scalars: ``torch.load(weights_only=True)``)."""
+        """Position and scores (torch tensors / python scalars: ``torch.load(weights_only=True)``).
+
+        ``layout``: int64 ``[parts, 2]``, the parts of the current epoch so far as (world
+        size, steps consumed), so that the epoch can resume on another world size.
+        """
         epoch, step = self._position
+        parts = list(self._segments(epoch))
+        parts.append((self.world_size, step - sum(s for _, s in parts)))
+        layout = np.array([p for p in parts if p[1] > 0], dtype=np.int64).reshape(-1, 2)
         return {
             "version": STATE_VERSION, "epoch": int(epoch), "step": int(step),
             "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
             "synced_epoch": -1 if self._synced_epoch is None else int(self._synced_epoch),
             "scores": None if self.scores is None else self.scores.state_dict(),
             "bad": torch.from_numpy(self.bad.ids()),
+            "layout": torch.from_numpy(layout),
         }
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Restore; the next ``epoch(sd["epoch"])`` skips the batches already consumed."""
-        if int(sd.get("version", -1)) != STATE_VERSION:
-            raise ValueError(f"unsupported Loader state version {sd.get('version')!r}")
-        if int(sd["seed"]) != self.seed or int(sd["world_size"]) != self.world_size:
-            raise ValueError("state was saved with a different seed or world size")
-        if sd.get("scores") is not None and self.scores is not None:
-            self.scores.load_state_dict(sd["scores"])
-        synced = int(sd["synced_epoch"])
-        self._synced_epoch = None if synced < 0 else synced
+    def load_state_dict(self, sd: dict | list[dict]) -> None:
+        """Restore; the next ``epoch(sd["epoch"])`` skips the batches already consumed.
+
+        ``sd``: this rank's own state (same world size), or every rank's states in rank
+        order, to resume on any world size: the epoch's remaining samples are re-sliced
+        across this loader's ranks, scores and pending losses carried over
+        (:func:`pipeline.plan.elastic.combine_states`).
+        """
+        every = isinstance(sd, (list, tuple))
+        at = combine_states(list(sd) if every else [sd], self.rank, self.world_size, self.seed, every)
+        if at.scores is not None and self.scores is not None:
+            self.scores.load_state_dict(at.scores)
+        self._synced_epoch = None if at.synced_epoch < 0 else at.synced_epoch
         self._plan = None
-        self.bad.reset(np.asarray(sd.get("bad", np.zeros(0)), dtype=np.int64))
-        self._resume = (int(sd["epoch"]), int(sd["step"]))
+        self.bad.reset(at.bad)
+        self._layout = (at.epoch, at.parts)
+        self._resume = (at.epoch, at.step)
         self._position = self._resume
 
     def close(self) -> None:

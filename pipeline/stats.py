@@ -1,7 +1,11 @@
 """Per-epoch accounting: what was read, decoded and waited for, versus the full dataset.
 
 An epoch's counters add up: over the parts of an epoch interrupted and resumed
-(:meth:`EpochStats.merge`) and over the ranks of a DDP run (:meth:`EpochStats.all_reduce`).
+(:meth:`EpochStats.merge`) and over the ranks of a DDP run (:meth:`EpochStats.all_reduce`,
+or :meth:`EpochStats.total` for parts held by one process: an epoch resumed on fewer
+ranks).  What a part read ahead but never delivered (the batches in flight when it
+stopped) is counted apart (``*_abandoned``): those batches are read again after the
+resume, so ``samples_read`` / ``bytes_read`` of a resumed epoch equal an uninterrupted one's.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ class EpochStats:
     epoch: int
     rank: int = 0
     world_size: int = 1
-    steps: int = 0
+    steps: int = 0             # batches delivered
     samples_planned: int = 0   # real (non-padding) samples this rank was planned to deliver
     samples_delivered: int = 0  # real samples yielded in batches
     samples_read: int = 0      # samples whose bytes were read
@@ -68,6 +72,8 @@ class EpochStats:
     num_nonfinite: int = 0     # losses reported through Loader.update that were NaN/inf (ignored)
     bytes_read: int = 0        # bytes transferred from storage (payload + merge slack)
     payload_read: int = 0      # bytes of the samples themselves
+    samples_abandoned: int = 0  # read for batches never delivered (the epoch was left early)
+    bytes_abandoned: int = 0
     requests: int = 0          # range requests issued
     dataset_samples: int = 0
     dataset_payload: int = 0   # sum of all samples' payload bytes
@@ -113,6 +119,24 @@ class EpochStats:
         self.payload_read += int(c.payload)
         self.requests += int(c.requests)
         self.read_s += float(c.seconds)
+
+    def add_abandoned(self, c: ReadCounts) -> None:
+        """Count the reads of batches read ahead but never delivered (``Backend.abandon``)."""
+        self.samples_abandoned += int(c.samples)
+        self.bytes_abandoned += int(c.bytes)
+        self.read_s += float(c.seconds)
+
+    @classmethod
+    def total(cls, parts: list[EpochStats]) -> EpochStats:
+        """Every counter of ``parts`` (one epoch, several ranks' parts) added up in this
+        process, as :meth:`all_reduce` does across processes; the description and the
+        ``dataset_*`` totals are the first part's."""
+        if not parts:
+            raise ValueError("EpochStats.total needs at least one part")
+        out = replace(parts[0], corrupt_ids=[i for p in parts for i in p.corrupt_ids])
+        for name in out.counter_names():
+            setattr(out, name, sum(getattr(p, name) for p in parts))
+        return out
 
     def merge(self, prior: EpochStats) -> EpochStats:
         """The whole epoch from this part (after a resume) and ``prior`` (the part before the stop).

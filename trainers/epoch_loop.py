@@ -3,7 +3,10 @@ metrics record per epoch.
 
 An epoch can stop between two steps (SIGTERM/SIGUSR1 or ``--max-steps``): its counters so
 far go into the checkpoint (``partial``), and the resumed process adds them to the rest of
-the epoch, so the epoch's record is the same as if it had not stopped (time included).
+the epoch, so the epoch's record is the same as if it had not stopped (time included; the
+``io`` block's steps, reads and fractions are the whole epoch's). On resume the ids logs
+are cut back to the checkpoint's position, so a replayed step (after a kill -9) is logged
+once.
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,6 +107,35 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp: bool) -> 
     return {"test_acc": correct / max(1, total), "test_loss": loss_sum / max(1, total), "test_n": total}
 
 
+def trim_ids_logs(run: Run, p: Progress) -> None:
+    """Cut ``ids-rank<r>.jsonl`` back to the steps before ``p`` (the checkpoint's position):
+    steps a killed process logged after its last checkpoint are replayed, and logged again.
+    Every rank trims its own log; rank 0 also those of ranks the run no longer has."""
+    paths = [run.out / f"ids-rank{run.rank}.jsonl"]
+    if run.is_main:
+        paths += [q for q in run.out.glob("ids-rank*.jsonl")
+                  if q.stem[len("ids-rank"):].isdigit() and int(q.stem[len("ids-rank"):]) >= run.world_size]
+    for path in paths:
+        _trim_ids_log(Path(path), p.epoch, p.step_in_epoch)
+
+
+def _trim_ids_log(path: Path, epoch: int, step: int) -> None:
+    """Keep the lines of steps before (``epoch``, ``step`` consumed); a torn last line goes too."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(r["epoch"]) < epoch or (int(r["epoch"]) == epoch and int(r["step"]) <= step):
+            keep.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
 class StopFlag:
     """SIGTERM/SIGUSR1 flag: finish the current step, checkpoint, exit."""
 
@@ -185,7 +218,11 @@ class EpochLoop:
     def train(self) -> bool:
         """Run the remaining epochs; True if stopped (signal or ``--max-steps``) before the end."""
         a = self.args
-        ids_log = open(self.run.out / f"ids-rank{self.run.rank}.jsonl", "a" if a.resume else "w") if a.log_ids else None
+        ids_log = None
+        if a.log_ids:
+            if a.resume:
+                trim_ids_logs(self.run, self.p)
+            ids_log = open(self.run.out / f"ids-rank{self.run.rank}.jsonl", "a" if a.resume else "w")
         stopper = StopFlag()
         stopper.install()
         try:
@@ -208,7 +245,7 @@ class EpochLoop:
         bar = None
         if not a.no_progress and run.is_main:
             from tqdm import tqdm
-            bar = tqdm(total=self.steps[epoch], initial=p.step_in_epoch, desc=f"epoch {epoch}", leave=False,
+            bar = tqdm(total=self.loader.steps_per_epoch(epoch), initial=p.step_in_epoch, desc=f"epoch {epoch}", leave=False,
                        dynamic_ncols=True, file=sys.stderr)
         self.model.train()
         stopped = False
@@ -299,9 +336,10 @@ class EpochLoop:
             "train_loss": counts["loss_sum"] / max(1, counts["n"]), "train_samples": int(counts["n"]),
             "lr": self.opt.param_groups[0]["lr"],
             "loss_hist": loss_histogram(acc.losses if acc.losses else [np.zeros(0)]),
-            # the ratios stay this rank's, of this process's part of the epoch: the summed
-            # counters would compare every rank's reads with one rank's share
-            "io": dict(total.to_json(), **st.ratios()),
+            # the fractions are the whole epoch's (every part, every rank) of the whole
+            # dataset, so they do not depend on where the epoch stopped or on the world size
+            "io": dict(total.to_json(), **dict(replace(total, world_size=1).ratios(),
+                                               images_per_s=whole.images_per_s)),
         }
         rec["num_nonfinite"] = int(total.num_nonfinite)   # NaN/inf losses, ignored by the scores
         if run.is_main and counts["n"] and total.num_nonfinite >= counts["n"]:

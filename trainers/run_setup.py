@@ -4,7 +4,9 @@ config.json and summary.json, and the checkpoints a run saves and resumes from.
 Checkpoints: rank 0 writes ``RUN_DIR/ckpt/last.pt`` (model, optimizer, scheduler, its loader
 state, the position in the run and the counters of a stopped epoch); every other rank writes
 ``loader-rank<r>.pt`` with its own loader state and counters, since each rank reads its own
-slice of the plan.
+slice of the plan.  A checkpoint of W ranks resumes on W' ranks (elastic): every rank reads
+all W loader states (``Loader.load_state_dict`` re-slices the rest of the epoch) and the LR
+schedule is laid out again for W' (:func:`rescale_schedule`).
 """
 from __future__ import annotations
 
@@ -17,14 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipeline.plan.distributed import dist_env
+from pipeline.stats import EpochStats
 
 from . import checkpoint
 from .models import count_parameters
+from .schedule import lr_factor_fn
 
 
 @dataclass(frozen=True)
@@ -121,17 +126,29 @@ def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, s
         return Progress()
     check_resume_config(run, args)
     ck = checkpoint.load(last)
-    if ck["world_size"] != run.world_size:
-        raise SystemExit(f"checkpoint was written with world size {ck['world_size']}, not {run.world_size}")
+    old_w = int(ck["world_size"])
     raw_model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
-    mine = ck if run.rank == 0 else checkpoint.load(run.ck_dir / f"loader-rank{run.rank}.pt")
-    loader.load_state_dict(mine["loader"])
-    p = Progress(ck["epoch"], ck["step_in_epoch"], ck["global_step"], ck["wall_s"], ck.get("cpu_s", 0.0),
-                 mine.get("partial", {}) or {})
+    if old_w == run.world_size:
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        mine = ck if run.rank == 0 else _load_rank(run.ck_dir, run.rank)
+        loader.load_state_dict(mine["loader"])
+        partial = mine.get("partial", {}) or {}
+    else:  # elastic: the new world size's steps per epoch and base LR (before loading)
+        steps = [int(loader.steps_per_epoch(e)) for e in range(args.epochs)]
+        base_lrs = [g["initial_lr"] for g in opt.param_groups]
+        opt.load_state_dict(ck["optimizer"])
+        states = [ck] + [_load_rank(run.ck_dir, r) for r in range(1, old_w)]
+        loader.load_state_dict([st["loader"] for st in states])
+        partial = combine_partials([st.get("partial") or {} for r, st in enumerate(states)
+                                    if r % run.world_size == run.rank])
+        epoch = int(ck["epoch"])
+        left = int(loader.steps_per_epoch(epoch)) - int(ck["step_in_epoch"]) if epoch < args.epochs else 0
+        rescale_schedule(sched, steps, base_lrs, epoch, left, args.warmup_epochs, args.schedule)
+    p = Progress(ck["epoch"], ck["step_in_epoch"], ck["global_step"], ck["wall_s"], ck.get("cpu_s", 0.0), partial)
     if run.is_main:
-        print(f"[classify] resumed from {last}: epoch {p.epoch} step {p.step_in_epoch}", flush=True)
+        resized = f" (written by {old_w} ranks, resumed on {run.world_size})" if old_w != run.world_size else ""
+        print(f"[classify] resumed from {last}{resized}: epoch {p.epoch} step {p.step_in_epoch}", flush=True)
     return p
 
 
@@ -153,6 +170,54 @@ def check_resume_config(run: Run, args: argparse.Namespace) -> None:
         raise SystemExit(f"--resume: {path} was written with other options ({'; '.join(changed)}); the "
                          "checkpoint's plan, scores and schedule depend on them: resume with the old "
                          "values, or start a new run (another --out)")
+
+
+def _load_rank(ck_dir: Path, rank: int) -> dict:
+    """The checkpoint file of a rank other than 0 (a clear error when it is missing)."""
+    path = ck_dir / f"loader-rank{rank}.pt"
+    if not path.exists():
+        raise SystemExit(f"--resume: {path} is missing (the checkpoint of rank {rank}); "
+                         "it cannot resume without every rank's loader state")
+    return checkpoint.load(path)
+
+
+def combine_partials(partials: list[dict]) -> dict:
+    """The counters of a stopped epoch for a rank that takes over several old ranks' parts
+    (an epoch resumed on fewer ranks): counts and times summed, the step count and wall
+    time of one rank (all stopped at the same step), the losses joined, the io summed."""
+    parts = [q for q in partials if q]
+    if len(parts) <= 1:
+        return dict(parts[0]) if parts else {}
+    out = dict(parts[0])
+    for k in ("loss_sum", "n", "data_wait_s", "compute_s", "prior_cpu_s"):
+        out[k] = sum(q.get(k, 0) for q in parts)
+    for k in ("steps", "prior_s"):
+        out[k] = max(q.get(k, 0) for q in parts)
+    out["losses"] = np.concatenate([np.asarray(q.get("losses", np.zeros(0)), np.float32) for q in parts])
+    ios = [EpochStats.from_json(q["prior_io"]) for q in parts if q.get("prior_io")]
+    out["prior_io"] = EpochStats.total(ios).to_json() if ios else {}
+    return out
+
+
+def rescale_schedule(sched: Any, steps: list[int], base_lrs: list[float], epoch: int, left: int,
+                     warmup_epochs: float, kind: str) -> None:
+    """Lay the LR schedule out again after a world-size change (docs/reliability.md).
+
+    ``steps``: the new world size's steps per epoch, as a fresh run on it would have them;
+    ``left``: the steps the interrupted ``epoch`` still takes. The schedule continues at the
+    same fraction of training, counted in samples: the position is where ``left`` steps
+    before the end of ``epoch`` lie on the new grid, so the schedule ends with the run. The
+    base LR is the new run's (the default LR scales with the global batch).
+    """
+    f = lr_factor_fn(steps, warmup_epochs, kind)
+    pos = sum(steps[:epoch]) + (max(0, steps[epoch] - left) if epoch < len(steps) else 0)
+    sched.lr_lambdas = [f] * len(sched.optimizer.param_groups)
+    sched.base_lrs = list(base_lrs)
+    sched.last_epoch = pos
+    for g, base in zip(sched.optimizer.param_groups, base_lrs):
+        g["initial_lr"] = base
+        g["lr"] = base * f(pos)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
 
 
 def save_checkpoint(run: Run, raw_model: nn.Module, opt: Any, sched: Any, loader: Any, p: Progress,

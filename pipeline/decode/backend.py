@@ -5,13 +5,14 @@ processes, the tables it publishes for them (read/table.py), and its recovery fr
 sample that kills the decoder.  The Loader only calls::
 
     backend = BACKENDS[name](config)           # workers may start here (before CUDA)
-    for raw in backend.start(ids, header):     # ids int64 [steps, B] (-1 = padding)
+    for raw in backend.start(ids, header):     # ids int64 [steps, 2, B]: ids, fill (table.py)
         ...                                    # RawBatch: images, meta, reads, decode_s
     reads = backend.abandon()                  # the caller left early: stop, drain, clean up
     backend.close()                            # stop workers, for good
 
 ``start`` yields exactly one :class:`RawBatch` per row of ``ids``, in order, each row's
-``meta["id"]`` equal to the planned ids (padding and known-bad rows carry the filler).
+``meta["id"]`` equal to the planned ids ``ids[:, 0]`` (-1 = padding; a padding row carries
+its fill sample ``ids[:, 1]``, or the filler, as known-bad rows do).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ class Backend(ABC):
 
     @abstractmethod
     def start(self, ids: np.ndarray, header: TableHeader) -> Iterator[RawBatch]:
-        """Deliver the batches of ``ids`` (int64 ``[steps, B]``) in order."""
+        """Deliver the batches of ``ids`` (int64 ``[steps, 2, B]``, ``BatchPlan.rows``) in order."""
 
     @abstractmethod
     def abandon(self) -> ReadCounters:

@@ -9,7 +9,10 @@
     sampling     systematic PPS selection: exactly K ids, each with probability p_i.
     planner      `make_plan` / `EpochPlanner`: policy output + seed + epoch -> `Plan`, a
                  deterministic, shard-aware order cut into equal per-rank rows; `eval_plan`:
-                 every sample once, in byte order, through the same slicing.
+                 every sample once, in byte order, through the same slicing; `reslice` /
+                 `remaining_plan`: what is left of an epoch, cut for another world size.
+    elastic      `combine_states`: the ranks' saved loader states -> one rank's resume
+                 point on any world size (position, scores with pending losses, bad ids).
     distributed  `dist_env()` (rank, world size, local rank), the collectives `Scores.sync`
                  needs, and `check_plan_digest` (every rank must hold the same plan).
 

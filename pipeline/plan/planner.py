@@ -11,7 +11,8 @@ same global plan and takes its own row. Steps (docs/algorithm.md, "The planner")
    with id -1 / weight 0, or dropped with pad=False).
 
 `eval_plan` is the evaluation counterpart: every sample once, in byte order, through the same
-slicing. Random streams: `pipeline.streams.rng` with Stream.POLICY / SELECT / ORDER; global
+slicing. `reslice` / `remaining_plan` re-cut what is left of an epoch for another number of
+ranks (an epoch resumed on a different world size). Random streams: `pipeline.streams.rng` with Stream.POLICY / SELECT / ORDER; global
 RNGs are never touched.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .sampling import check_probabilities, select
 from .scores import Scores
 
 __all__ = ["Plan", "RankPlan", "make_plan", "eval_plan", "num_steps", "EpochPlanner", "shard_order",
-           "worker_batches"]
+           "worker_batches", "reslice", "remaining_plan"]
 
 
 class RankPlan(NamedTuple):
@@ -241,6 +242,45 @@ def eval_plan(n: int, order: np.ndarray | None, world_size: int) -> Plan:
     flat_ids[:n] = np.arange(n) if order is None else order
     rows = _rows(flat_ids, n, world_size, per_rank, 1.0, 0.0)
     return Plan(0, n, *rows, seed=0, window=0)
+
+
+def reslice(plan: Plan, consumed: int, world_size: int) -> Plan:
+    """What is left of `plan` once every rank consumed the first `consumed` entries of its
+    row, cut into `world_size` equal contiguous rows (padding -1 / 0 / 0 at the end).
+
+    A plan's rows are consecutive pieces of one ordered list, padded only at its end, so
+    the rows' remainders taken in rank order keep that order (and its shard locality):
+    nothing left is lost or repeated. `reslice(plan, 0, w)` is the plan `make_plan` gives
+    for `w` ranks. Pure: every rank computes the same rows.
+    """
+    if consumed < 0:
+        raise ValueError(f"consumed must be >= 0, got {consumed}")
+    ids = plan.ids[:, consumed:].reshape(-1)
+    real = ids >= 0
+    k = int(real.sum())
+    flat, per_rank = _slots(k, world_size, pad=True)
+    flat[:k] = ids[real]
+    total = per_rank * world_size
+    cols = []
+    for a in (plan.weights, plan.mixup):
+        col = np.zeros(total, np.float32)
+        col[:k] = a[:, consumed:].reshape(-1)[real]
+        cols.append(col.reshape(world_size, per_rank))
+    return Plan(plan.epoch, plan.num_selected, flat[:total].reshape(world_size, per_rank), *cols,
+                seed=plan.seed, window=plan.window)
+
+
+def remaining_plan(plan: Plan, segments, batch_size: int, world_size: int) -> Plan:
+    """The rest of an epoch after `segments`, cut for `world_size` ranks.
+
+    `segments`: the epoch's earlier parts in order, `(ranks, steps)` each: that part ran
+    on `ranks` rows (the remainder before it re-sliced, `reslice`) and every rank consumed
+    `steps` batches of `batch_size` entries. With `LastBatch.DROP` a part's dropped tail is
+    still left and goes into the next part.
+    """
+    for ranks, steps in segments:
+        plan = reslice(reslice(plan, 0, int(ranks)), int(steps) * batch_size, int(ranks))
+    return reslice(plan, 0, world_size)
 
 
 class EpochPlanner:

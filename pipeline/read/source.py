@@ -170,15 +170,19 @@ class PlannedSource:
         b = len(ids)
         cols = self._columns()
         valid = ids >= 0
-        safe = np.where(valid, ids, 0)
-        bad = valid & (np.asarray(self.bad.mask[safe]) != 0)
-        want = np.flatnonzero(valid & ~bad)
-        sel = ids[want]
+        # the sample each row reads: its own, or for a padding row its fill sample (a real
+        # planned sample delivered as padding, id -1 / weight 0); -1 = the filler
+        src = np.where(valid, ids, table.fill(i))
+        safe = np.where(src >= 0, src, 0)
+        bad = (src >= 0) & (np.asarray(self.bad.mask[safe]) != 0)
+        want = np.flatnonzero((src >= 0) & ~bad)
+        sel = src[want]
         meta = np.zeros(b, dtype=META_DTYPE)
         meta["id"] = ids
         meta["label"] = np.where(valid, np.asarray(cols["label"][safe]), -1)
         meta["flag"][~valid] = Flag.PAD
-        meta["flag"][bad] = Flag.CORRUPT
+        meta["flag"][bad & valid] = Flag.CORRUPT
+        got = np.zeros(b, dtype=bool)  # rows that carry the bytes they read
         before = self.reader.counters.copy()
         lengths = np.asarray(cols["length"][sel])
         crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
@@ -191,18 +195,20 @@ class PlannedSource:
             payload = [self.filler] * b
         for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
             if crc is not None and zlib.crc32(buf) != crc[k]:
-                meta["flag"][j] = Flag.CORRUPT  # reported and masked by the main process
-            elif not packed_len:
+                if valid[j]:  # reported and masked by the main process
+                    meta["flag"][j] = Flag.CORRUPT
+                continue  # a bad fill sample: the row keeps the filler (reported where planned)
+            got[j] = True
+            if not packed_len:
                 payload[j] = self._payload_array(buf)
         if packed_len:
-            filler = meta["flag"] != Flag.OK
+            filler = ~got
             if filler.any():
                 payload[filler] = 0
                 payload[filler, :len(self.filler)] = self.filler
         table.record(i, self.reader.counters - before)
         meta["length"] = len(self.filler)
-        ok = want[meta["flag"][want] == Flag.OK]
-        meta["length"][ok] = np.asarray(cols["length"][ids[ok]])
+        meta["length"][got] = np.asarray(cols["length"][src[got]])
         return SourceBatch(payload, meta)
 
     def read_samples(self, ids: np.ndarray) -> tuple[list[bytes], float]:

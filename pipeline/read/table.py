@@ -4,11 +4,16 @@ Before a backend runs an epoch it publishes the epoch's remaining batches as two
 memory-mapped ``.npy`` files in the loader's work directory, so that worker processes
 (forked or spawned) need nothing else to produce any batch:
 
-``<name>.npy``     int64 ``[1 + n_batches, max(B, 8)]``: row 0 is the header
-                   ``(limit, epoch, first_step, rank, seed, batch_size, 0, 0)``, row
-                   ``1 + i`` the sample ids of batch ``i`` (-1 = padding).  ``limit`` is the
-                   number of batches workers may deliver; :meth:`EpochTable.cancel` lowers
-                   it to end an abandoned epoch early (workers see it through the mapping).
+``<name>.npy``     int64 ``[1 + 2 n_batches, max(B, 8)]``: row 0 is the header
+                   ``(limit, epoch, first_step, rank, seed, batch_size, n_batches, 0)``;
+                   row ``1 + i`` the sample ids of batch ``i`` (-1 = padding); row
+                   ``1 + n_batches + i`` its *fill* ids: for each padding row, the real
+                   sample read in its place (delivered with id -1, weight 0, so that a
+                   model in training mode never sees a fake image), -1 = the synthetic
+                   filler (evaluation, or no fill given); -1 on real rows.  ``limit`` is
+                   the number of batches workers may deliver; :meth:`EpochTable.cancel`
+                   lowers it to end an abandoned epoch early (workers see it through the
+                   mapping).
 ``<name>.io.npy``  ``COUNTERS_DTYPE [n_batches]``: the reader process that produced batch
                    ``i`` writes what it read into row ``i`` before handing the batch on, so
                    the main process accounts every read, delivered or not.
@@ -58,11 +63,22 @@ class EpochTable:
 
     @classmethod
     def publish(cls, path: str, ids: np.ndarray, header: TableHeader) -> "EpochTable":
-        """Write ``ids`` (int64 ``[n_batches, B]``) and an empty counters file; return the table."""
-        n, b = ids.shape
-        arr = np.full((n + 1, max(b, _HEADER_FIELDS)), -1, dtype=np.int64)
-        arr[0, :6] = [n, header.epoch, header.first_step, header.rank, header.seed, b]
-        arr[1:, :b] = ids
+        """Write the batches and an empty counters file; return the table.
+
+        ``ids``: int64 ``[n_batches, B]`` (no fill: padding rows get the filler), or
+        ``[n_batches, 2, B]``: ``[:, 0]`` the ids, ``[:, 1]`` the fill ids
+        (``BatchPlan.rows``; see the module docstring).
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim == 2:
+            ids = np.stack([ids, np.full_like(ids, -1)], axis=1)
+        if ids.ndim != 3 or ids.shape[1] != 2:
+            raise ValueError(f"table rows must be [n, B] or [n, 2, B], got shape {ids.shape}")
+        n, _, b = ids.shape
+        arr = np.full((2 * n + 1, max(b, _HEADER_FIELDS)), -1, dtype=np.int64)
+        arr[0, :7] = [n, header.epoch, header.first_step, header.rank, header.seed, b, n]
+        arr[1:n + 1, :b] = ids[:, 0]
+        arr[n + 1:, :b] = ids[:, 1]
         _save_atomic(cls(path).io_path, np.zeros(n, dtype=COUNTERS_DTYPE))
         _save_atomic(path, arr)
         return cls(path)
@@ -95,11 +111,16 @@ class EpochTable:
         return int(self._rows()[0, 0])
 
     def __len__(self) -> int:
-        return self._rows().shape[0] - 1
+        return int(self._rows()[0, 6])
 
     def ids(self, i: int) -> np.ndarray:
         """Sample ids of batch ``i`` (int64 ``[B]``, -1 = padding)."""
         return np.asarray(self._rows()[1 + i, : self.batch_size])
+
+    def fill(self, i: int) -> np.ndarray:
+        """Fill ids of batch ``i`` (int64 ``[B]``): the sample read for each padding row,
+        -1 = the filler (and on real rows)."""
+        return np.asarray(self._rows()[1 + len(self) + i, : self.batch_size])
 
     def cancel(self, limit: int = 0) -> None:
         """Lower the batch limit: workers raise StopIteration for later batches."""
