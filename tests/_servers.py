@@ -74,8 +74,9 @@ def _start(cmd: list[str], port: int, stderr: Path, what: str) -> subprocess.Pop
     pytest.skip(f"{what} did not listen on port {port}")
 
 
-def start_nginx(root: Path, tmp: Path) -> Server:
-    """nginx serving ``root`` (one worker process, ``daemon off``: ``proc`` is the master)."""
+def start_nginx(root: Path, tmp: Path, locations: str = "") -> Server:
+    """nginx serving ``root`` (one worker process, ``daemon off``: ``proc`` is the master);
+    ``locations``: extra location blocks (e.g. one that answers 503)."""
     if NGINX is None:
         pytest.skip("nginx is not installed (apt-get install nginx-light)")
     port = free_port()
@@ -100,6 +101,7 @@ http {{
     listen 127.0.0.1:{port};
     root {root};
     location / {{ }}
+    {locations}
   }}
 }}
 """)

@@ -89,8 +89,8 @@ def test_no_range_refused_on_the_read_path(no_range):
 
 def test_no_range_trainer_exits_nonzero(no_range, tmp_path, repo_root):
     p = subprocess.run([sys.executable, "-m", "trainers.classify", "--data", no_range.url,
-                        "--epochs", "1", "--device", "cpu", "--backend", "torch",
-                        "--out", str(tmp_path / "run"), "--no-progress"],
+                        "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run"),
+                        "--no-progress"],
                        cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     err = p.stderr
@@ -105,10 +105,14 @@ def test_no_range_trainer_exits_nonzero(no_range, tmp_path, repo_root):
 @pytest.mark.parametrize("backend,workers", BACKENDS)
 def test_frozen_server_mid_epoch(server, backend, workers):
     """SIGSTOP of nginx mid-epoch: RemoteUnreachable naming the URL and the range, within
-    the retry bound (plus a pipeline rebuild), not after minutes; no recovery probes."""
+    the retry bound (plus a pipeline rebuild), not after minutes; no recovery probes; once
+    the server is back (SIGCONT) the epoch can be read again."""
     loader = _loader(server.url, backend, workers)
     try:
         err, seconds, caught = _fail_mid_epoch(loader, lambda: server.signal(signal.SIGSTOP))
+        server.signal(signal.SIGCONT)
+        # the server is back: the same loader reads the epoch again, every sample once
+        again = np.concatenate([b.ids.numpy() for b in loader.epoch(0)])
     finally:
         server.signal(signal.SIGCONT)
         loader.close()
@@ -118,6 +122,7 @@ def test_frozen_server_mid_epoch(server, backend, workers):
     assert "no response within 1 s" in msg and "2 attempt(s)" in msg and "missing" not in msg
     assert seconds < min(30.0, RetryPolicy(1.0, 1).bound() + 6), seconds
     assert not [w for w in caught if "undecodable" in str(w.message)]
+    assert sorted(again[again >= 0].tolist()) == list(range(len(loader.ds)))
 
 
 @pytest.mark.parametrize("backend,workers", BACKENDS)
@@ -209,6 +214,108 @@ def test_missing_shard_mid_epoch(gap, backend, workers):
     assert "unreachable" not in msg
     assert time.monotonic() - t0 < 30
     assert not [w for w in caught if "undecodable" in str(w.message)]
+
+
+# -- a truncated shard ----------------------------------------------------------------------------
+
+@pytest.fixture
+def truncated(cifar_wds, tmp_path):
+    """nginx serving a copy of the dataset whose second shard is cut inside a sample."""
+    root = tmp_path / "data"
+    shutil.copytree(cifar_wds, root)
+    ds = pipeline.open_dataset(root)
+    mid = np.flatnonzero(ds.file == 1)[len(ds) // 8]
+    cut = int(ds.offset[mid]) + int(ds.length[mid]) // 2
+    with open(root / "shard-000001.tar", "r+b") as f:
+        f.truncate(cut)
+    s = start_nginx(root, tmp_path)
+    yield s, cut
+    s.stop()
+
+
+def test_truncated_shard_named(truncated):
+    server, cut = truncated
+    ds = pipeline.open_dataset(server.url)
+    url = f"{server.url}/shard-000001.tar"
+    # the size the server reports (HEAD) against the manifest's
+    r = RangeReader(ds.files, ds.file_sizes, merge_gap=0, retry=RetryPolicy(1.0, 1))
+    ids = np.flatnonzero(ds.file == 1)
+    with pytest.raises(ShardError, match=f"shard {url} has {cut} bytes, the manifest says"):
+        r.read(ds.file[ids[:1]], ds.offset[ids[:1]], ds.length[ids[:1]])
+    # without a manifest size: the range answers themselves (206 cut short, 416 past the end)
+    r = RangeReader(ds.files, None, merge_gap=0, retry=RetryPolicy(1.0, 1))
+    across = ids[(ds.offset[ids] < cut) & (ds.offset[ids] + ds.length[ids] > cut)]
+    past = ids[ds.offset[ids] > cut]
+    assert len(across) == 1 and len(past)
+    for i, what in ((across, f"the shard has {cut} bytes"), (past, "shorter than the manifest")):
+        with pytest.raises(ShardError, match="range beyond the end of") as info:
+            r.read(ds.file[i[:1]], ds.offset[i[:1]], ds.length[i[:1]])
+        assert url in str(info.value) and what in str(info.value)
+        assert not isinstance(info.value, (RangeNotSupported, RemoteUnreachable))
+
+
+# -- a server that fails (503) ------------------------------------------------------------------
+
+@pytest.fixture
+def failing(cifar_wds, tmp_path):
+    """nginx that answers 503 Service Unavailable for the second shard."""
+    s = start_nginx(cifar_wds, tmp_path, "location = /shard-000001.tar { return 503; }")
+    yield s
+    s.stop()
+
+
+def test_server_error_refused_at_loader_creation(failing):
+    with pytest.raises(ManifestError, match="server unreachable") as info:
+        _loader(failing.url)
+    assert f"{failing.url}/shard-000001.tar" in str(info.value) and "503" in str(info.value)
+    assert "missing" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend,workers", [("torch", 0), ("dali", 1)])
+def test_server_error_retried_then_raised(failing, backend, workers):
+    """5xx is transient: retried with backoff, then RemoteUnreachable naming the status."""
+    loader = _loader(failing.url, backend, workers, verify_files=None, retries=2)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ShardError) as info:
+            for _ in loader.epoch(0):
+                pass
+    finally:
+        loader.close()
+    assert isinstance(info.value, RemoteUnreachable), repr(info.value)
+    msg = str(info.value)
+    assert f"{failing.url}/shard-000001.tar" in msg and "HTTP 503" in msg and "3 attempt(s)" in msg
+    assert time.monotonic() - t0 < 30
+    served = failing.log.read_text().splitlines()
+    assert sum(" /shard-000001.tar 503 " in line for line in served) >= 3  # really retried
+
+
+# -- opening a remote dataset: the header, columns and sizes (formats/storage.py) -----------------
+
+def test_open_dataset_unreachable_vs_missing(server, monkeypatch):
+    """Metadata requests are bounded too (aiohttp's default: five minutes), and a server
+    that does not answer is not reported as a missing dataset."""
+    import pipeline.formats.storage as storage
+    monkeypatch.setattr(storage, "METADATA_TIMEOUT", 1.0)
+    with pytest.raises(ManifestError, match="no manifest.json at .*/nothere/manifest.json"):
+        pipeline.open_dataset(server.url + "/nothere")
+    ds = pipeline.open_dataset(server.url)
+    server.signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ConnectionError, match=f"server unreachable: {server.url}/manifest.json"):
+            pipeline.open_dataset(server.url)
+        with pytest.raises(ManifestError, match=f"server unreachable: {server.url}/shard-000000.tar"):
+            ds.check_files()
+        assert time.monotonic() - t0 < 15
+    finally:
+        server.signal(signal.SIGCONT)
+    server.stop()
+    with pytest.raises(ConnectionError, match="server unreachable: .*Connect call failed"):
+        pipeline.open_dataset(server.url)
+    with pytest.raises(ManifestError, match="server unreachable") as info:
+        ds.check_files()
+    assert "missing" not in str(info.value)
 
 
 # -- options and the typed error from a worker's text ------------------------------------------

@@ -1,74 +1,27 @@
 """Reading over HTTP from a real nginx on 127.0.0.1 that honours Range requests.
 
-The test starts Debian's nginx itself (temp config, free port) and stops it afterwards;
-it skips when nginx is not installed.  The bytes nginx served for the shards (its access
-log) must equal the planned samples' payload plus the documented merge slack.
+The test starts Debian's nginx itself (tests/_servers.py: temp config, free port) and
+stops it afterwards; it skips when nginx is not installed.  The bytes nginx served for
+the shards (its access log) must equal the planned samples' payload plus the documented
+merge slack.
 """
 import os
-import shutil
-import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 
 import pipeline
+from _servers import start_nginx
 from pipeline.options import LoaderOptions
 from pipeline.read.ranges import merge_ranges
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def nginx(cifar_wds, tmp_path_factory):
-    if NGINX is None:
-        pytest.skip("nginx is not installed (apt-get install nginx-light)")
-    tmp = tmp_path_factory.mktemp("nginx")
-    port = _free_port()
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf = tmp / "nginx.conf"
-    conf.write_text(f"""
-{user}
-worker_processes 1;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  log_format ranges '$request_method $uri $status $body_bytes_sent "$http_range"';
-  access_log {tmp}/access.log ranges;
-  client_body_temp_path {tmp}/body;
-  proxy_temp_path {tmp}/proxy;
-  fastcgi_temp_path {tmp}/fastcgi;
-  uwsgi_temp_path {tmp}/uwsgi;
-  scgi_temp_path {tmp}/scgi;
-  server {{
-    listen 127.0.0.1:{port};
-    root {cifar_wds};
-    location / {{ }}
-  }}
-}}
-""")
-    proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.skip(f"nginx failed to start: {proc.stderr.read().decode()[:300]}")
-            time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", tmp / "access.log"
-    proc.terminate()
-    proc.wait(timeout=10)
+    server = start_nginx(cifar_wds, tmp_path_factory.mktemp("nginx"))
+    yield server.url, server.log
+    server.stop()
 
 
 def _served(log, since: int):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .registry import FORMATS
-from .storage import is_url
+from .storage import is_url, read_url
 
 __all__ = ["MANIFEST_VERSION", "HEADER_NAME", "ManifestError", "FileEntry", "ManifestHeader",
            "header_path", "read_header"]
@@ -179,9 +179,11 @@ def read_header(path_or_url: str | os.PathLike) -> dict[str, Any]:
     root = str(path_or_url).rstrip("/")
     where = header_path(root)
     if is_url(root):
-        import fsspec
-        with fsspec.open(where, "rb") as f:
-            text = f.read()
+        try:
+            text = read_url(where)  # bounded; an unreachable server: ConnectionError naming it
+        except FileNotFoundError as e:
+            raise ManifestError(f"no {HEADER_NAME} at {where}: not a converted dataset (or "
+                                "the conversion did not finish)") from e
     elif not os.path.exists(where):
         raise ManifestError(f"no {HEADER_NAME} in {root}: not a converted dataset "
                             "(or the conversion did not finish)")

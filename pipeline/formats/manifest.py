@@ -21,7 +21,8 @@ import numpy as np
 from . import layout
 from .header import (HEADER_NAME, MANIFEST_VERSION, FileEntry, ManifestError, ManifestHeader,
                      header_path, read_header)
-from .storage import is_url, local_path
+from .storage import (connection_failure, fs_options, is_url, local_path, read_url,
+                      unreachable)
 
 __all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "Dataset", "write_manifest",
            "open_dataset", "ManifestError", "ManifestHeader", "FileEntry", "read_header"]
@@ -201,8 +202,8 @@ class Dataset:
     def _fs(self):
         """The filesystem of the data files (the root's, or the shards' own URLs)."""
         import fsspec
-        remote = [f for f in self.files if is_url(f)]
-        return fsspec.core.url_to_fs(remote[0] if remote else self.root)[0]
+        url = next((f for f in self.files if is_url(f)), self.root)
+        return fsspec.core.url_to_fs(url, **fs_options(url))[0]  # bounded request timeout
 
     def __len__(self) -> int:
         return self.num_samples
@@ -237,7 +238,10 @@ class Dataset:
         for path, entry in zip(self.files, self.file_entries):
             try:
                 size = self._fs.size(path) if is_url(path) else os.path.getsize(path)
-            except (FileNotFoundError, OSError) as e:
+            except OSError as e:
+                fail = connection_failure(e) if is_url(path) else None
+                if fail is not None:  # no answer from the server: the file may well exist
+                    raise ManifestError(unreachable(path, fail)) from e
                 raise ManifestError(f"data file missing: {path} ({e})") from e
             if size != entry.size:
                 what = "truncated" if size < entry.size else "modified (grew)"
@@ -257,11 +261,9 @@ class Dataset:
 
 def _load_column(root: str, name: str, remote: bool, optional: bool = False) -> np.ndarray | None:
     if remote:
-        import fsspec
         url = f"{root}/{COLUMN_DIR}/{name}.npy"
         try:
-            with fsspec.open(url, "rb") as f:
-                return np.load(io.BytesIO(f.read()), allow_pickle=False)
+            return np.load(io.BytesIO(read_url(url)), allow_pickle=False)
         except FileNotFoundError:
             if optional:
                 return None

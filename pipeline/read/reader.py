@@ -17,10 +17,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..formats.storage import is_url, local_path
+from ..formats.storage import is_http, is_url, local_path
 from .errors import ShardError, ShardMissing
 from .ranges import ReadCounters, default_merge_gap, merge_ranges
-from .remote import HttpRanges, RetryPolicy, is_http
+from .remote import HttpRanges, RetryPolicy
 
 __all__ = ["RangeReader", "ShardError", "logical_block_size"]
 
