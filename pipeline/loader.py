@@ -346,6 +346,7 @@ class Loader:
             "seed": self.seed, "world_size": self.world_size, "rank": self.rank,
             "synced_epoch": -1 if self._synced_epoch is None else int(self._synced_epoch),
             "scores": None if self.scores is None else self.scores.state_dict(),
+            "policy": {} if self.policy is None else self.policy.state_dict(),
             "bad": torch.from_numpy(self.bad.ids()),
             "layout": torch.from_numpy(layout),
         }
@@ -362,6 +363,12 @@ class Loader:
         at = combine_states(list(sd) if every else [sd], self.rank, self.world_size, self.seed, every)
         if at.scores is not None and self.scores is not None:
             self.scores.load_state_dict(at.scores)
+        if self.policy is not None:
+            if not at.policy and self.policy.state_dict() and at.epoch > 0:
+                warnings.warn(f"the loader state has no state of policy {self.policy_name!r} (saved by an "
+                              "older version): its carry-over credits restart at 0, so the plans from "
+                              "here differ from an uninterrupted run's", RuntimeWarning, stacklevel=2)
+            self.policy.load_state_dict(at.policy)
         self._synced_epoch = None if at.synced_epoch < 0 else at.synced_epoch
         self._plan = None
         self.bad.reset(at.bad)

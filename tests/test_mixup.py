@@ -50,12 +50,13 @@ def test_loader_score_update_rule(cifar_wds, monkeypatch):
     """docs/algorithm.md: only the primary is updated, with its own CE and weight lambda."""
     import pipeline
     ds = pipeline.open_dataset(cifar_wds)
-    L = pipeline.Loader(ds, batch_size=200, keep=0.5, policy="swdpp", epochs=4, seed=0,
+    L = pipeline.Loader(ds, batch_size=200, keep=0.5, policy="swdpp_v1", epochs=4, seed=0,
                         backend="torch", num_workers=0, device="cpu", mixup=True)
     for b in L.epoch(0):
         L.update(b.ids, torch.ones(len(b)))
     seen = []
-    monkeypatch.setattr(L.scores, "update", lambda i, l, w=None: seen.append((i, l, w)))
+    real_update = L.scores.update
+    monkeypatch.setattr(L.scores, "update", lambda i, l, w=None: (seen.append((i, l, w)), real_update(i, l, w))[1])
     n_mixed = 0
     for b in L.epoch(1):
         logits = torch.randn(len(b), 10)

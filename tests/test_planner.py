@@ -187,7 +187,7 @@ def test_epoch_planner_steps_known_up_front_and_planning_is_pure():
     file, offset = manifest([64] * 16)
     n = file.size
     scores = Scores(n)
-    pol = get_policy("swdpp", keep=0.6, epochs=8)
+    pol = get_policy("swdpp_v1", keep=0.6, epochs=8)
     planner = EpochPlanner(pol, scores, file, offset, seed=5, world_size=2)
     schedule = planner.schedule(batch_size=32, drop_last=True)
     rng = np.random.default_rng(0)
@@ -213,8 +213,9 @@ RESUME_SCRIPT = textwrap.dedent("""
     file, offset = np.load(d + "/file.npy"), np.load(d + "/offset.npy")
     scores = Scores(len(file))
     scores.load_state_dict(state["scores"])
-    planner = EpochPlanner(get_policy("swdpp", keep=0.7, epochs=10), scores, file, offset,
-                           seed=state["seed"], world_size=2)
+    policy = get_policy("swdpp", keep=0.7, epochs=10)
+    policy.load_state_dict(state["policy"])        # the carry-over credits of the run
+    planner = EpochPlanner(policy, scores, file, offset, seed=state["seed"], world_size=2)
     plan = planner.plan(state["epoch"])            # no sync: the epoch's plan is recomputed
     ids, w, _ = plan.rank(state["rank"])
     start = state["batches_done"] * state["batch_size"]
@@ -244,7 +245,7 @@ def test_mid_epoch_resume_in_a_new_process_replays_the_rest(tmp_path):
     done = ids[: half * bs]
     scores.update(done, rng.lognormal(size=done.size))  # losses of the consumed half stay pending
     torch.save({"epoch": epoch, "batches_done": half, "batch_size": bs, "rank": rank, "seed": 42,
-                "scores": scores.state_dict()}, tmp_path / "state.pt")
+                "scores": scores.state_dict(), "policy": planner.policy.state_dict()}, tmp_path / "state.pt")
     subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path)], check=True, timeout=120)
     rest = np.load(tmp_path / "rest_ids.npy")
     assert rest.size == ids.size - half * bs > 0

@@ -25,7 +25,7 @@ def rng():
 
 
 def test_registry_names():
-    assert set(POLICIES) == {"full", "uniform", "infobatch", "ucb", "eps_greedy", "swdpp"}
+    assert set(POLICIES) == {"full", "uniform", "rs2", "infobatch", "ucb", "eps_greedy", "swdpp", "swdpp_v1"}
 
 
 @pytest.mark.parametrize("name, kw, msg", [
@@ -33,8 +33,12 @@ def test_registry_names():
     ("swdpp", {"keep": 0.0}, r"keep must be in \(0, 1\]"),
     ("swdpp", {"keep": 1.5}, r"keep must be in \(0, 1\]"),
     ("swdpp", {"temperature": -1.0}, "temperature must be > 0"),
-    ("swdpp", {"keep": 0.3, "p_min": 0.5}, "p_min must be in"),
+    ("swdpp_v1", {"keep": 0.3, "p_min": 0.5}, "p_min must be in"),
     ("swdpp", {"bogus": 1}, "allowed"),
+    ("swdpp", {"floor": 0.0}, r"floor .* must be in \(0, 1\]"),
+    ("swdpp", {"schedule": "cosine"}, "schedule must be one of"),
+    ("swdpp", {"weights": "unbiased"}, "weights must be one of"),
+    ("infobatch", {"budget": "total"}, "budget must be"),
     ("infobatch", {"r": 1.0}, r"r .* must be in \(0, 1\)"),
     ("eps_greedy", {"eps": 2.0}, "eps"),
     ("ucb", {"c": -1.0}, "c"),
@@ -49,8 +53,10 @@ def test_invalid_settings_say_what_is_allowed(name, kw, msg):
 def test_every_policy_gives_k_and_announces_it(name):
     pol = get_policy(name, keep=0.7, epochs=10)
     s = trained_scores()
-    for epoch in (0, 3):
+    for epoch in range(4):      # in order: rs2 and swdpp carry credits from epoch to epoch
         out = pol(s, epoch, rng())
+        if epoch in (1, 2):
+            continue
         k = pol.num_selected(N, epoch)
         assert out.p.dtype == np.float64 and out.weight.dtype == np.float32 and out.mixup.dtype == np.float32
         assert out.p.shape == out.weight.shape == out.mixup.shape == (N,)
@@ -58,25 +64,25 @@ def test_every_policy_gives_k_and_announces_it(name):
         assert out.p.sum() == pytest.approx(k, abs=1e-6)
         if out.hard:
             assert set(np.unique(out.p)) <= {0.0, 1.0}
-    # swdpp spreads its budget over the run: its pruned epochs pay for its full warm-up epoch
-    k3 = N if name == "full" else budget((0.7 * 10 - 2) / 8 if name == "swdpp" else 0.7, N)
+    # swdpp_v1 spreads its budget over the run: its pruned epochs pay for its full warm-up epoch
+    k3 = N if name == "full" else budget((0.7 * 10 - 2) / 8 if name == "swdpp_v1" else 0.7, N)
     assert pol.num_selected(N, 3) == k3
 
 
-def test_swdpp_run_budget_pays_for_the_full_epochs():
+def test_swdpp_v1_run_budget_pays_for_the_full_epochs():
     for epochs, warmup in ((4, 1), (10, 1), (16, 2), (30, 1)):
-        pol = get_policy("swdpp", keep=0.7, epochs=epochs, warmup=warmup)
+        pol = get_policy("swdpp_v1", keep=0.7, epochs=epochs, warmup=warmup)
         total = sum(pol.num_selected(N, e) for e in range(epochs))
         assert total == pytest.approx(0.7 * N * epochs, abs=epochs)   # rounding: < 1 sample per epoch
         assert pol.num_selected(N, 0) == N
-    per_epoch = get_policy("swdpp", keep=0.7, epochs=10, budget="epoch")
+    per_epoch = get_policy("swdpp_v1", keep=0.7, epochs=10, budget="epoch")
     assert [per_epoch.num_selected(N, e) for e in range(10)] == [N] + [budget(0.7, N)] * 8 + [N]
     # without a known run length the full epochs cannot be paid for: they come on top
-    assert get_policy("swdpp", keep=0.7).num_selected(N, 3) == budget(0.7, N)
+    assert get_policy("swdpp_v1", keep=0.7).num_selected(N, 3) == budget(0.7, N)
     with pytest.raises(ValueError, match="leaves nothing for the pruned epochs"):
-        get_policy("swdpp", keep=0.3, epochs=3)                      # 0.9 epochs < 1 warm-up epoch
+        get_policy("swdpp_v1", keep=0.3, epochs=3)                      # 0.9 epochs < 1 warm-up epoch
     with pytest.raises(ValueError, match="budget"):
-        get_policy("swdpp", keep=0.7, epochs=3, budget="total")
+        get_policy("swdpp_v1", keep=0.7, epochs=3, budget="total")
 
 
 def test_budget_rounds_half_up():
@@ -99,8 +105,8 @@ def test_capped_probabilities_floor_cap_and_exact_sum():
     np.testing.assert_allclose((p[free] - 0.05) / 0.95, c * w[free].astype(np.float64), rtol=1e-5)
 
 
-def test_swdpp_probabilities_weights_and_mixup():
-    pol = get_policy("swdpp", keep=0.7, epochs=20, p_min=0.1, budget="epoch")
+def test_swdpp_v1_probabilities_weights_and_mixup():
+    pol = get_policy("swdpp_v1", keep=0.7, epochs=20, p_min=0.1, budget="epoch")
     s = trained_scores()
     out = pol(s, 5, rng())
     k = budget(0.7, N)
@@ -117,21 +123,21 @@ def test_swdpp_probabilities_weights_and_mixup():
     np.testing.assert_allclose(out.mixup, 0.3 * (1 - out.p) / 0.9, rtol=1e-5, atol=1e-7)
     assert out.mixup.max() <= 0.3                                       # (1 - keep) at p_min
     # heavier pruning -> more mixup for the same sample
-    heavier = get_policy("swdpp", keep=0.4, epochs=20, p_min=0.1, budget="epoch")(s, 5, rng())
+    heavier = get_policy("swdpp_v1", keep=0.4, epochs=20, p_min=0.1, budget="epoch")(s, 5, rng())
     assert heavier.mixup.mean() > out.mixup.mean()
 
 
-def test_swdpp_weight_clipping_and_temperature():
+def test_swdpp_v1_weight_clipping_and_temperature():
     s = trained_scores()
-    out = get_policy("swdpp", keep=0.7, epochs=20, max_weight=2.0)(s, 5, rng())
+    out = get_policy("swdpp_v1", keep=0.7, epochs=20, max_weight=2.0)(s, 5, rng())
     assert out.weight.max() == pytest.approx(2.0)
-    hot = get_policy("swdpp", keep=0.7, epochs=20, temperature=100.0)(s, 5, rng())
-    cold = get_policy("swdpp", keep=0.7, epochs=20, temperature=0.3)(s, 5, rng())
+    hot = get_policy("swdpp_v1", keep=0.7, epochs=20, temperature=100.0)(s, 5, rng())
+    cold = get_policy("swdpp_v1", keep=0.7, epochs=20, temperature=0.3)(s, 5, rng())
     assert hot.p.std() < cold.p.std()                  # high temperature -> nearly uniform
 
 
-def test_swdpp_warmup_and_annealing_are_full_epochs():
-    pol = get_policy("swdpp", keep=0.7, epochs=16, warmup=2)   # anneal = round(0.125*16) = 2
+def test_swdpp_v1_warmup_and_annealing_are_full_epochs():
+    pol = get_policy("swdpp_v1", keep=0.7, epochs=16, warmup=2)   # anneal = round(0.125*16) = 2
     s = trained_scores()
     full = [e for e in range(16) if pol.num_selected(N, e) == N]
     assert full == [0, 1, 14, 15]
@@ -139,9 +145,9 @@ def test_swdpp_warmup_and_annealing_are_full_epochs():
     assert out.hard and (out.p == 1).all() and (out.weight == 1).all() and (out.mixup == 0).all()
 
 
-def test_swdpp_unseen_samples_are_optimistic():
+def test_swdpp_v1_unseen_samples_are_optimistic():
     s = trained_scores(seen=np.arange(N // 2))
-    out = get_policy("swdpp", keep=0.5, epochs=10)(s, 3, rng())
+    out = get_policy("swdpp_v1", keep=0.5, epochs=10)(s, 3, rng())
     assert out.p[N // 2:].min() >= out.p[: N // 2].max() - 1e-12
 
 

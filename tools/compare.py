@@ -3,8 +3,12 @@
     python tools/compare.py --data OUT --test-data OUT_TEST --keep 0.7 --seeds 0 1 2 \\
         --policies full swdpp uniform infobatch --epochs 8 --runs runs/fmnist -- --batch-size 128
 
-Each run is ``python -m trainers.classify`` in its own process (sequentially, so wall times
-are comparable), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
+A policy is a registered name or ``NAME:JSON`` (options for the policy, e.g.
+``'swdpp:{"weights":"importance"}'``: an ablation), labelled ``NAME{key=value,...}`` in the
+report. Seeds are paired: the same seed gives the same initial weights and the same
+augmentation stream under every policy, so the report's paired differences compare like
+with like. Each run is ``python -m trainers.classify`` in its own process (sequentially, so
+wall times are comparable), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
 ``summary.json``) are skipped, interrupted ones are resumed, so the command can be re-run
 after a kill. Arguments after ``--`` go to every training run. Runs are interleaved by seed
 (all policies of seed 0, then seed 1, ...) so a partial sweep still compares policies.
@@ -12,6 +16,8 @@ after a kill. Arguments after ``--`` go to every training run. Runs are interlea
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +26,26 @@ from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """``NAME`` or ``NAME:JSON`` -> (name, options); a clear error for bad JSON."""
+    name, _, opts = spec.partition(":")
+    if not opts:
+        return name, {}
+    try:
+        kw = json.loads(opts)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--policies {spec!r}: the options after ':' are not JSON ({e})")
+    if not isinstance(kw, dict):
+        raise SystemExit(f"--policies {spec!r}: the options after ':' must be a JSON object")
+    return name, kw
+
+
+def policy_tag(name: str, kw: dict) -> str:
+    """A file-name-safe tag of a policy spec: ``swdpp``, ``swdpp-weights_importance``."""
+    parts = [name] + [f"{k}_{v}" for k, v in sorted(kw.items())]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "", "-".join(parts))
 
 
 def run_dir(runs: Path, policy: str, keep: float, seed: int) -> Path:
@@ -53,12 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = Path(a.runs)
     runs.mkdir(parents=True, exist_ok=True)
     jobs = []
+    specs = [parse_policy(spec) for spec in a.policies]
     for seed in a.seeds:
-        for policy in a.policies:
+        for policy, kw in specs:
             for keep in ([1.0] if policy == "full" else a.keep):
-                jobs.append((policy, keep, seed))
-    for n, (policy, keep, seed) in enumerate(jobs, 1):
-        d = run_dir(runs, policy, keep, seed)
+                jobs.append((policy, kw, keep, seed))
+    for n, (policy, kw, keep, seed) in enumerate(jobs, 1):
+        d = run_dir(runs, policy_tag(policy, kw), keep, seed)
         if (d / "summary.json").exists():
             print(f"[compare] {n}/{len(jobs)} {d.name}: done, skipped", flush=True)
             continue
@@ -66,6 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--seed", str(seed), "--epochs", str(a.epochs), "--out", str(d), "--no-progress"]
         if a.test_data:
             cmd += ["--test-data", a.test_data]
+        if kw:
+            cmd += ["--policy-kwargs", json.dumps(kw, sort_keys=True)]
         if (d / "ckpt" / "last.pt").exists():
             cmd.append("--resume")
         cmd += extra

@@ -52,6 +52,7 @@ def load_run(run: Path) -> dict[str, Any] | None:
     accs = [r["test_acc"] for r in recs if r.get("test_acc") is not None]
     policy = cfg.get("policy", last.get("policy", "?"))
     keep = 1.0 if policy == "full" else float(cfg.get("keep", last.get("keep", 1.0)))
+    policy = policy_label(policy, cfg.get("policy_kwargs"))
 
     def tot(k: str) -> float | None:
         vals = [r.get(k) for r in recs]
@@ -69,6 +70,15 @@ def load_run(run: Path) -> dict[str, Any] | None:
         "data_wait_s": tot("data_wait_s"), "compute_s": tot("compute_s"),
         "full_samples_epoch": last.get("full_samples"), "full_bytes_epoch": last.get("full_bytes"),
     }
+
+
+def policy_label(policy: str, kwargs: Any) -> str:
+    """``swdpp`` or, with policy options (an ablation), ``swdpp{weights=importance}``."""
+    if isinstance(kwargs, str):
+        kwargs = json.loads(kwargs or "{}")
+    if not kwargs:
+        return policy
+    return policy + "{" + ",".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + "}"
 
 
 def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:

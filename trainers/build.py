@@ -42,7 +42,7 @@ def make_loader(ds: Any, args: argparse.Namespace, world_size: int, rank: int, d
         kw["num_workers"] = args.workers
     if not train:  # the same preset in eval mode: same normalisation, no random augmentation
         return pipeline.Loader.for_eval(ds, batch_size=args.eval_batch_size, augment=aug, **kw)
-    mixup = args.mixup if args.mixup is not None else args.policy == "swdpp"
+    mixup = args.mixup if args.mixup is not None else args.policy.startswith("swdpp")
     options = pipeline.LoaderOptions.of(world_size=world_size, rank=rank,
                                         policy_kwargs=json.loads(args.policy_kwargs))
     return pipeline.Loader(ds, batch_size=args.batch_size, keep=1.0 if args.policy == "full" else args.keep,

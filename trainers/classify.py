@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--policy", default="swdpp", choices=POLICIES)
     pr.add_argument("--keep", type=float, default=0.7, help="fraction of the data read per epoch")
     pr.add_argument("--mixup", action=argparse.BooleanOptionalAction, default=None,
-                    help="probabilistic mixup (default: on for swdpp, off otherwise)")
+                    help="apply the policy's probabilistic mixup (default: on for swdpp and swdpp_v1, off otherwise; swdpp's mixup option is 0 by default)")
     pr.add_argument("--policy-kwargs", default="{}", help="JSON dict passed to the policy")
     o = p.add_argument_group("optimisation")
     o.add_argument("--model", default="tiny", choices=MODELS)

@@ -36,6 +36,7 @@ class ResumePoint:
     scores: dict | None                   # Scores state (committed + this rank's pending)
     bad: np.ndarray                       # int64 ids known to be bad
     synced_epoch: int
+    policy: dict                          # the policy's state (the same on every rank)
 
 
 def _pending_of(committed: dict, parts: list[dict]) -> dict:
@@ -91,4 +92,5 @@ def combine_states(states: list[dict[str, Any]], rank: int, world_size: int, see
         scores = _pending_of(scores, [st["scores"] for st in mine])
     bad = np.unique(np.concatenate([np.zeros(0, np.int64)] + [
         np.asarray(st.get("bad", np.zeros(0)), dtype=np.int64).reshape(-1) for st in states]))
-    return ResumePoint(epoch, step, tuple(parts), scores, bad, int(states[0]["synced_epoch"]))
+    return ResumePoint(epoch, step, tuple(parts), scores, bad, int(states[0]["synced_epoch"]),
+                       dict(states[0].get("policy") or {}))

@@ -8,7 +8,8 @@ Every policy has the same interface::
 
 `out.p` sums to exactly K (up to float rounding; the planner draws exactly K), or holds a
 hard 0/1 selection with exactly K ones (`out.hard`). One module per family: baselines
-(full, uniform), infobatch, bandits (ucb, eps_greedy), swdpp; shared parts in base. The
+(full, uniform, rs2), infobatch, bandits (ucb, eps_greedy), swdpp, swdpp_v1 (the first
+formulation, kept for comparison); carry-over credits in credits; shared parts in base. The
 maths and the reasons for every default are in docs/algorithm.md.
 """
 from __future__ import annotations
@@ -18,15 +19,18 @@ from typing import Any, Callable
 
 from .bandits import EpsGreedyPolicy, UCBPolicy
 from .base import Policy, PolicyOutput, budget, capped_probabilities
-from .baselines import FullPolicy, UniformPolicy
+from .baselines import FullPolicy, RS2Policy, UniformPolicy
 from .infobatch import InfoBatchPolicy
 from .swdpp import SwDPPPolicy
+from .swdpp_v1 import SwDPPv1Policy
 
 __all__ = ["PolicyOutput", "Policy", "POLICIES", "get_policy", "budget", "capped_probabilities",
-           "FullPolicy", "UniformPolicy", "InfoBatchPolicy", "UCBPolicy", "EpsGreedyPolicy", "SwDPPPolicy"]
+           "FullPolicy", "UniformPolicy", "RS2Policy", "InfoBatchPolicy", "UCBPolicy", "EpsGreedyPolicy",
+           "SwDPPPolicy", "SwDPPv1Policy"]
 
 POLICIES: dict[str, Callable[..., Policy]] = {
-    cls.name: cls for cls in (FullPolicy, UniformPolicy, InfoBatchPolicy, UCBPolicy, EpsGreedyPolicy, SwDPPPolicy)
+    cls.name: cls for cls in (FullPolicy, UniformPolicy, RS2Policy, InfoBatchPolicy, UCBPolicy, EpsGreedyPolicy,
+                              SwDPPPolicy, SwDPPv1Policy)
 }
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..scores import Scores
 
-__all__ = ["PolicyOutput", "Policy", "budget", "capped_probabilities"]
+__all__ = ["PolicyOutput", "Policy", "budget", "capped_probabilities", "score_weights"]
 
 
 @dataclass
@@ -91,6 +91,34 @@ def capped_probabilities(w: np.ndarray, k: int, p_min: float) -> tuple[np.ndarra
     return p, c
 
 
+def score_weights(scores: Scores, std_coef: float, temperature: float) -> np.ndarray:
+    """w_i = (s_i / max s)^(1/temperature) in [0, 1] (float32), s_i = ema_i + std_coef * std_i.
+
+    Never-seen samples get the largest seen score (optimism: they are visited early); with
+    nothing seen yet every w_i is 1. Scores are shifted to >= 0 if losses were negative.
+    """
+    seen = scores.seen
+    s = np.sqrt(scores.var)
+    s *= np.float32(std_coef)
+    s += scores.ema
+    all_seen = bool(seen.all())
+    if not all_seen and not seen.any():
+        return np.ones(s.size, np.float32)
+    lo = s.min() if all_seen else s[seen].min()
+    if lo < 0:          # losses are normally >= 0; shift otherwise so powers are defined
+        s -= lo
+    if not all_seen:
+        s[~seen] = s[seen].max()
+    top = s.max()
+    if top > 0:
+        s /= top
+        if temperature != 1.0:
+            s **= np.float32(1.0 / temperature)
+    else:
+        s[:] = 1.0
+    return s
+
+
 class Policy:
     """Base class. Subclasses set `name` and implement `_select`."""
 
@@ -128,6 +156,13 @@ class Policy:
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         """The output of a pruned epoch that keeps `k` samples."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the policy carries from epoch to epoch ({} for a stateless policy)."""
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore `state_dict()`; a stateless policy has nothing to restore."""
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())

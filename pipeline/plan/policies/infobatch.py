@@ -19,19 +19,38 @@ class InfoBatchPolicy(Policy):
     pruned with probability r_e = (N-K)/|C| and survivors get weight 1/(1-r_e). `r` caps
     r_e: if |C| < (N-K)/r, the lowest-loss samples above the mean join the candidates
     (reported in info["above_mean_candidates"]). Epoch 0 (no losses yet) and the last
-    (1-delta) of the epochs use full data.
+    (1-delta) of the epochs use full data. With `budget="epoch"` (the paper's) `keep` is
+    kept in every pruned epoch, so the run reads more than `keep` of its sample visits;
+    `budget="run"` pays for the full epochs: the pruned ones keep (keep*E - F)/(E - F).
     """
 
     name = "infobatch"
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, r: float = 0.5,
-                 delta: float = 0.875) -> None:
+                 delta: float = 0.875, budget: str = "epoch") -> None:
         super().__init__(keep, epochs)
+        if budget not in ("epoch", "run"):
+            raise ValueError(f"infobatch budget must be 'epoch' (keep in every pruned epoch) or 'run' "
+                             f"(keep = fraction of the whole run), got {budget!r}")
+        if budget == "run" and self.epochs is None:
+            raise ValueError("infobatch budget='run' needs epochs")
         if not 0.0 < r < 1.0:
             raise ValueError(f"infobatch r (largest prune probability) must be in (0, 1), got {r!r}")
         if not 0.0 < delta <= 1.0:
             raise ValueError(f"infobatch delta (fraction of epochs that prune) must be in (0, 1], got {delta!r}")
-        self.r, self.delta = float(r), float(delta)
+        self.r, self.delta, self.budget = float(r), float(delta), budget
+        self.pruned_keep = self.keep
+        if budget == "run" and self.keep < 1.0:
+            e = self.epochs
+            full = sum(self.is_full_epoch(t) for t in range(e))
+            if full >= e or self.keep * e - full <= 0:
+                raise ValueError(f"infobatch keep={self.keep} over {e} epochs leaves nothing for the pruned "
+                                 f"epochs once its {full} full epoch(s) are paid for; raise keep or delta")
+            self.pruned_keep = (self.keep * e - full) / (e - full)
+
+    def epoch_keep(self, epoch: int) -> float:
+        """The kept fraction of a pruned epoch (see `budget`)."""
+        return self.pruned_keep
 
     def is_full_epoch(self, epoch: int) -> bool:
         """Epoch 0 (no losses yet) and the last (1 - delta) of the epochs."""

@@ -1,126 +1,109 @@
-"""SwDPP: soft probabilistic selection from learning dynamics, with loss weights and mixup."""
+"""SwDPP: soft, score-driven inclusion probabilities, balanced across epochs by carry-over
+credits, with a tilt that follows a schedule (docs/algorithm.md, "SwDPP")."""
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
 from ..scores import Scores
-from .base import Policy, PolicyOutput, capped_probabilities
+from .base import Policy, PolicyOutput, capped_probabilities, score_weights
+from .credits import Credits
 
-__all__ = ["SwDPPPolicy"]
+__all__ = ["SwDPPPolicy", "tilt_strength"]
+
+SCHEDULES = ("sine", "constant")
+WEIGHTS = ("none", "importance")
+
+
+def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) -> float:
+    """lambda_e: `tilt * sin^2(pi e / E)` ("sine": 0 at the start, `tilt` midway, back
+    towards 0 at the end) or `tilt` ("constant", and whenever E is unknown)."""
+    if schedule == "constant" or epochs is None:
+        return float(tilt)
+    return float(tilt) * math.sin(math.pi * epoch / epochs) ** 2
 
 
 class SwDPPPolicy(Policy):
-    """Soft probabilistic selection from learning dynamics (our SwDPP formulation).
+    """Soft selection from learning dynamics, K samples in every epoch, visits balanced.
 
-    score s_i = ema_i + std_coef * sqrt(var_i) (never-seen: the largest seen score);
-    w_i = (s_i / max s)^(1/temperature); p_i = f + (1-f) min(1, c w_i), sum p = K, f = p_min;
-    weight_i = (K/N) / p_i (clipped at max_weight if set);
+    score  s_i = ema_i + std_coef * std_i (never seen: the largest seen score);
+    w_i  = (s_i / max s)^(1/temperature);
+    q_i  = f + (1-f) min(1, c w_i), sum q = K, f = floor * K/N (`capped_probabilities`);
+    p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f);
+    selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
+    weight_i = 1 (`weights="none"`) or min(max_weight, (K/N) / p_i) ("importance");
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
-    The first `warmup` and last `anneal` epochs use full data. With `budget="run"` (the
-    default, when `epochs` is known) `keep` is the fraction of the whole run's sample
-    visits: the pruned epochs keep (keep*E - F)/(E - F), F = warmup + anneal, so that the
-    full epochs are paid for; `budget="epoch"` keeps `keep` in every pruned epoch.
+    Every epoch reads exactly K = round(keep N): no full epochs to pay for.
     """
 
     name = "swdpp"
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
-                 p_min: float | None = None, std_coef: float = 0.5, max_weight: float | None = None,
-                 mixup: float = 1.0, warmup: int = 1, anneal: int | None = None,
-                 budget: str = "run") -> None:
+                 std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0, schedule: str = "sine",
+                 weights: str = "none", max_weight: float = 2.0, mixup: float = 0.0) -> None:
         super().__init__(keep, epochs)
-        if budget not in ("run", "epoch"):
-            raise ValueError(f"swdpp budget must be 'run' (keep = fraction of the whole run) or "
-                             f"'epoch' (keep = fraction of each pruned epoch), got {budget!r}")
-        if anneal is None:
-            anneal = 0 if self.epochs is None else int(round(0.125 * self.epochs))
-        if int(warmup) != warmup or warmup < 0 or int(anneal) != anneal or anneal < 0:
-            raise ValueError(f"swdpp warmup and anneal must be integers >= 0, got {warmup!r}, {anneal!r}")
-        if anneal and self.epochs is None:
-            raise ValueError("swdpp anneal > 0 needs epochs (the annealing epochs are the last ones)")
-        self.budget = budget
-        self.pruned_keep = self._pruned_keep(int(warmup), int(anneal))
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
-        if p_min is None:
-            p_min = min(0.1, self.pruned_keep / 2)
-        if not 0.0 < p_min <= self.pruned_keep:
-            raise ValueError(f"swdpp p_min must be in (0, {self.pruned_keep:.4g}] (the kept fraction of a "
-                             f"pruned epoch), got {p_min!r}")
         if not std_coef >= 0:
             raise ValueError(f"swdpp std_coef must be >= 0, got {std_coef!r}")
-        if max_weight is not None and not max_weight >= 1.0:
-            raise ValueError(f"swdpp max_weight must be >= 1 or None, got {max_weight!r}")
+        if not 0.0 < floor <= 1.0:
+            raise ValueError(f"swdpp floor (smallest p_i as a fraction of K/N) must be in (0, 1], got {floor!r}")
+        if not 0.0 <= tilt <= 1.0:
+            raise ValueError(f"swdpp tilt (largest mix of the score-driven probabilities) must be in [0, 1], "
+                             f"got {tilt!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"swdpp schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if weights not in WEIGHTS:
+            raise ValueError(f"swdpp weights must be one of {WEIGHTS}, got {weights!r}")
+        if not max_weight >= 1.0:
+            raise ValueError(f"swdpp max_weight must be >= 1, got {max_weight!r}")
         if not 0.0 <= mixup <= 1.0:
             raise ValueError(f"swdpp mixup (largest mixup probability scale) must be in [0, 1], got {mixup!r}")
-        self.temperature, self.p_min, self.std_coef = float(temperature), float(p_min), float(std_coef)
-        self.max_weight, self.mixup = max_weight, float(mixup)
-        self.warmup, self.anneal = int(warmup), int(anneal)
+        self.temperature, self.std_coef, self.floor = float(temperature), float(std_coef), float(floor)
+        self.tilt, self.schedule, self.weights = float(tilt), schedule, weights
+        self.max_weight, self.mixup = float(max_weight), float(mixup)
+        self._credits = Credits()
 
-    def _pruned_keep(self, warmup: int, anneal: int) -> float:
-        """keep of a pruned epoch: `keep`, or with budget="run" what is left for the pruned
-        epochs once the full ones are paid for (needs epochs; without them, full epochs add)."""
-        if self.budget == "epoch" or self.epochs is None or self.keep >= 1.0:
-            return self.keep
-        full = min(self.epochs, warmup + anneal)
-        if full == self.epochs:
-            return 1.0
-        k = (self.keep * self.epochs - full) / (self.epochs - full)
-        if k <= 0.0:
-            raise ValueError(
-                f"swdpp keep={self.keep} over {self.epochs} epochs leaves nothing for the pruned epochs "
-                f"once {full} full epoch(s) (warmup={warmup}, anneal={anneal}) are paid for; raise keep or "
-                f"epochs, lower warmup/anneal, or pass budget='epoch'")
-        return k
-
-    def epoch_keep(self, epoch: int) -> float:
-        """The kept fraction of every pruned epoch (see `budget`)."""
-        return self.pruned_keep
-
-    def is_full_epoch(self, epoch: int) -> bool:
-        """The first `warmup` and the last `anneal` epochs."""
-        if self.keep >= 1.0 or epoch < self.warmup:
-            return True
-        return self.epochs is not None and epoch >= self.epochs - self.anneal
-
-    def sample_scores(self, scores: Scores) -> np.ndarray:
-        """s_i >= 0 (float32): optimistic (the largest seen score) for never-seen samples."""
-        seen = scores.seen
-        s = np.sqrt(scores.var)
-        s *= np.float32(self.std_coef)
-        s += scores.ema
-        all_seen = bool(seen.all())
-        if not all_seen and not seen.any():
-            return np.ones(s.size, np.float32)
-        lo = s.min() if all_seen else s[seen].min()
-        if lo < 0:          # losses are normally >= 0; shift otherwise so powers are defined
-            s -= lo
-        if not all_seen:
-            s[~seen] = s[seen].max()
-        return s
+    def probabilities(self, scores: Scores, epoch: int, k: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """p float64[N] (sum K, each in [f, 1]) and diagnostics, before the selection."""
+        n = len(scores)
+        f = self.floor * k / n
+        lam = tilt_strength(epoch, self.epochs, self.tilt, self.schedule)
+        info: dict[str, Any] = {"tilt": lam, "p_floor": f}
+        if lam <= 0.0 or f >= 1.0:
+            return np.full(n, k / n), info
+        q, c = capped_probabilities(score_weights(scores, self.std_coef, self.temperature), k, f)
+        q *= lam
+        q += (1.0 - lam) * (k / n)
+        info["scale_c"] = c
+        return q, info
 
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         n = len(scores)
-        w = self.sample_scores(scores)
-        top = w.max()
-        if top > 0:
-            w /= top
-            if self.temperature != 1.0:
-                w **= np.float32(1.0 / self.temperature)
-        else:
-            w[:] = 1.0
-        p, c = capped_probabilities(w, k, self.p_min)
-        del w
-        f = min(self.p_min, k / n)
-        weight = np.empty(n, np.float32)
-        np.divide(k / n, p, out=weight, casting="same_kind")
-        if self.max_weight is not None:
+        p, info = self.probabilities(scores, epoch, k)
+        ids = self._credits.take(p, epoch, k, rng)
+        sel = np.zeros(n)
+        sel[ids] = 1.0
+        weight = np.ones(n, np.float32)
+        if self.weights == "importance":
+            np.divide(k / n, p, out=weight, casting="same_kind")
             np.minimum(weight, np.float32(self.max_weight), out=weight)
         mix = np.zeros(n, np.float32)
-        if f < 1.0 and self.mixup > 0:
-            # m_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f), in [0, mixup * (1 - K/N)]
+        f = info["p_floor"]
+        if self.mixup > 0 and f < 1.0:
             np.subtract(1.0, p, out=mix, casting="same_kind")
             mix *= np.float32(self.mixup * (1.0 - k / n) / (1.0 - f))
             np.clip(mix, 0.0, 1.0, out=mix)
-        info = {"p_floor": f, "scale_c": c}
-        return PolicyOutput(p, weight, mix, info=info)
+        info["p_max"] = float(p.max())
+        return PolicyOutput(sel, weight, mix, hard=True, info=info)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The carry-over credits (see `credits.Credits`)."""
+        return {"credits": self._credits.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Restore the credits saved by `state_dict()`."""
+        if sd:
+            self._credits.load_state_dict(sd["credits"])

@@ -1,0 +1,167 @@
+"""Properties of the carry-over policies (`rs2`, `swdpp`) and the equal-budget InfoBatch
+(docs/algorithm.md, "SwDPP" and "Carry-over credits"), over whole simulated runs."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.plan.policies import get_policy
+from pipeline.plan.policies.base import budget
+from pipeline.plan.policies.credits import carry_over
+from pipeline.plan.policies.swdpp import tilt_strength
+from pipeline.plan.sampling import select
+from pipeline.plan.scores import Scores
+from pipeline.streams import Stream, rng
+
+N = 6000
+
+
+def simulate(name, keep, epochs, seed=0, **kw):
+    """Run a policy for `epochs` with persistent per-sample difficulty; returns per-epoch
+    selections (bool [E, N]), the difficulty and the policy."""
+    pol = get_policy(name, keep=keep, epochs=epochs, **kw)
+    s = Scores(N)
+    g = np.random.default_rng(seed)
+    hard = g.random(N)
+    taken = np.zeros((epochs, N), bool)
+    for e in range(epochs):
+        s.sync(e)
+        out = pol(s, e, rng(seed, e, Stream.POLICY))
+        ids = np.flatnonzero(out.p > 0.5) if out.hard else select(out.p, rng(seed, e, Stream.SELECT))
+        taken[e, ids] = True
+        s.update(ids, (3 * hard[ids] + 0.3 * g.random(ids.size)).astype(np.float32))
+    return taken, hard, pol
+
+
+def max_gap(taken):
+    """The longest run of consecutive epochs in which some sample was not taken."""
+    epochs, n = taken.shape
+    run = np.zeros(n, int)
+    worst = 0
+    for e in range(epochs):
+        run = np.where(taken[e], 0, run + 1)
+        worst = max(worst, int(run.max()))
+    return worst
+
+
+@pytest.mark.parametrize("name", ["rs2", "swdpp"])
+@pytest.mark.parametrize("keep", [0.7, 0.5])
+def test_exact_budget_balanced_visits_and_bounded_gaps(name, keep):
+    epochs = 30
+    taken, hard, pol = simulate(name, keep, epochs)
+    k = budget(keep, N)
+    assert (taken.sum(1) == k).all()                           # exactly K every epoch
+    assert all(pol.num_selected(N, e) == k for e in range(epochs))
+    visits = taken.sum(0)
+    assert visits.sum() == k * epochs                          # exactly the run's budget
+    # no sample unseen for more than 3 consecutive epochs at keep 0.7 (4 at keep 0.5)
+    assert max_gap(taken) <= (3 if keep == 0.7 else 4)
+    if name == "rs2":   # uniform without replacement: visit counts differ by at most one
+        assert visits.max() - visits.min() <= 1
+        # ... and no sample returns before the others had their turn: within any window of
+        # ceil(N/K) epochs every sample was taken at least once
+        w = -(-N // k)
+        for e in range(epochs - w):
+            assert taken[e:e + w + 1].any(0).all()
+
+
+def test_swdpp_visits_follow_probabilities_within_one():
+    pol = get_policy("swdpp", keep=0.7, epochs=30)
+    s = Scores(N)
+    g = np.random.default_rng(3)
+    hard = g.random(N)
+    expected = np.zeros(N)
+    visits = np.zeros(N)
+    for e in range(30):
+        s.sync(e)
+        k = pol.num_selected(N, e)
+        p, _ = pol.probabilities(s, e, k)
+        out = pol(s, e, rng(0, e, Stream.POLICY))
+        ids = np.flatnonzero(out.p > 0.5)
+        expected += p
+        visits[ids] += 1
+        assert np.abs(expected - visits).max() < 1.0           # the credit: deviation below one visit
+        s.update(ids, (3 * hard[ids] + 0.3 * g.random(ids.size)).astype(np.float32))
+
+
+def test_swdpp_visits_hard_samples_more_and_keeps_weights_bounded():
+    taken, hard, pol = simulate("swdpp", 0.7, 30)
+    visits = taken.sum(0)
+    assert visits[hard > 0.9].mean() > visits[hard < 0.1].mean() + 3   # clearly more often
+    s = Scores(N)
+    s.update(np.arange(N), np.linspace(0.01, 5, N).astype(np.float32))
+    s.sync(0)
+    for kw, top in (({}, 1.0), ({"weights": "importance"}, 2.0)):
+        p = get_policy("swdpp", keep=0.7, epochs=30, **kw)
+        out = p(s, 15, rng(0, 15, Stream.POLICY))               # a fresh policy starts its credits here
+        assert out.weight.max() <= top + 1e-6 and out.weight.min() > 0
+        assert (out.mixup == 0).all()                            # mixup off by default
+
+
+def test_tilt_schedule_starts_and_ends_near_uniform():
+    lam = [tilt_strength(e, 10, 1.0, "sine") for e in range(10)]
+    assert lam[0] == 0 and max(lam) == pytest.approx(1.0) and lam[5] == pytest.approx(1.0)
+    assert lam[9] < 0.1 and lam[1] < 0.1 and lam[4] > lam[2]
+    assert tilt_strength(3, None, 0.8, "sine") == 0.8 == tilt_strength(3, 10, 0.8, "constant")
+    s = Scores(N)
+    s.update(np.arange(N), np.linspace(0.01, 5, N).astype(np.float32))
+    s.sync(0)
+    pol = get_policy("swdpp", keep=0.7, epochs=10)
+    p0, _ = pol.probabilities(s, 0, budget(0.7, N))
+    p5, _ = pol.probabilities(s, 5, budget(0.7, N))
+    assert np.allclose(p0, 0.7) and p5.std() > 0.1 and p5.min() >= 0.35 - 1e-9
+
+
+def test_plans_are_deterministic_and_resume_from_the_saved_state():
+    def run(pol, epochs, state_at=None):
+        s = Scores(N)
+        g = np.random.default_rng(1)
+        sel, saved = [], None
+        for e in range(epochs):
+            s.sync(e)
+            if e == state_at:
+                buf = io.BytesIO()
+                torch.save({"policy": pol.state_dict(), "scores": s.state_dict()}, buf)
+                saved = buf.getvalue()
+            ids = np.flatnonzero(pol(s, e, rng(7, e, Stream.POLICY)).p > 0.5)
+            sel.append(ids)
+            s.update(ids, g.lognormal(size=ids.size).astype(np.float32))
+        return sel, saved
+
+    a, saved = run(get_policy("swdpp", keep=0.7, epochs=8), 8, state_at=5)
+    b, _ = run(get_policy("swdpp", keep=0.7, epochs=8), 8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))     # same (seed, epoch, scores): same plans
+    sd = torch.load(io.BytesIO(saved), weights_only=True)
+    fresh = get_policy("swdpp", keep=0.7, epochs=8)
+    fresh.load_state_dict(sd["policy"])
+    s = Scores(N)
+    s.load_state_dict(sd["scores"])
+    for _ in range(2):                                          # re-planning the epoch gives the same ids
+        assert np.array_equal(np.flatnonzero(fresh(s, 5, rng(7, 5, Stream.POLICY)).p > 0.5), a[5])
+    with pytest.raises(RuntimeError, match="planned in order"):
+        fresh(s, 7, rng(7, 7, Stream.POLICY))
+
+
+def test_carry_over_reduces_to_rs2_rounds():
+    """With K = N/2 and equal probabilities every two epochs are one permutation."""
+    c = np.zeros(10)
+    g = np.random.default_rng(0)
+    for _ in range(4):
+        a, c = carry_over(c, np.full(10, 0.5), 5, g)
+        b, c = carry_over(c, np.full(10, 0.5), 5, g)
+        assert sorted(np.concatenate([a, b]).tolist()) == list(range(10))
+        assert np.allclose(c, 0)
+
+
+def test_infobatch_at_the_run_budget_reads_what_the_others_read():
+    for epochs in (6, 10, 30):
+        pol = get_policy("infobatch", keep=0.7, epochs=epochs, budget="run")
+        total = sum(pol.num_selected(N, e) for e in range(epochs))
+        assert total == pytest.approx(0.7 * N * epochs, abs=epochs)
+        assert pol.num_selected(N, 0) == N                       # its full epochs stay
+    paper = get_policy("infobatch", keep=0.7, epochs=10)
+    assert sum(paper.num_selected(N, e) for e in range(10)) > 0.75 * N * 10
+    taken, _, _ = simulate("infobatch", 0.7, 10, budget="run")
+    assert taken.sum() == sum(get_policy("infobatch", keep=0.7, epochs=10, budget="run").num_selected(N, e)
+                              for e in range(10))
