@@ -42,11 +42,28 @@ def test_report_table_and_plots(tmp_path: Path) -> None:
     out = res["out"]
     assert (out / "report.md").exists() and (out / "runs.csv").exists()
     names = sorted(p.name for p in res["files"])
-    assert names == ["toy-accuracy_vs_time.png", "toy-bytes_per_epoch.png", "toy-kept_fraction.png",
-                     "toy-score_distribution.png"]
+    assert names == ["toy-accuracy_vs_samples.png", "toy-accuracy_vs_time.png", "toy-bytes_per_epoch.png",
+                     "toy-kept_fraction.png", "toy-score_distribution.png"]
     for p in res["files"]:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "swdpp" in res["table"] and "0.70x" in res["table"]
+
+
+def test_paired_differences_pair_by_seed(tmp_path: Path) -> None:
+    """Per-seed differences: full is ahead of swdpp by 0.1 + 0.1 s points at seed s."""
+    for s in range(3):
+        _fake_run(tmp_path / f"full-s{s}", "full", 1.0, s, 0.90 + 0.001 * s)
+        _fake_run(tmp_path / f"swdpp-s{s}", "swdpp", 0.7, s, 0.899)
+    _fake_run(tmp_path / "lonely-s9", "uniform", 0.7, 9, 0.5)      # no common seed: no pair
+    res = report.write_report([str(tmp_path)], quiet=True)
+    pairs = {(r["policy"], r["vs_policy"]): r for r in res["pairs"]}
+    assert set(pairs) == {("full", "swdpp"), ("swdpp", "full")}
+    d = pairs[("full", "swdpp")]
+    assert d["seeds"] == 3 and d["wins"] == 3
+    assert d["diff"] == pytest.approx(0.2, abs=1e-9)                 # (0.1 + 0.2 + 0.3) / 3 points
+    assert d["se"] == pytest.approx(0.1 / 3 ** 0.5, rel=1e-6)        # std 0.1 over sqrt(3)
+    assert pairs[("swdpp", "full")]["diff"] == pytest.approx(-0.2, abs=1e-9)
+    assert "Paired differences" in (res["out"] / "report.md").read_text()
 
 
 def test_report_cli_on_run_dirs(tmp_path: Path, capsys) -> None:
@@ -65,3 +82,17 @@ def test_metrics_writer_resume_truncates(tmp_path: Path) -> None:
     MetricsWriter(p, resume_epoch=2)
     recs = read_jsonl(p)
     assert [r["epoch"] for r in recs] == [0, 1] and recs[0]["x"] is None
+
+
+def test_compare_policy_specs_and_labels(tmp_path: Path, capsys) -> None:
+    from tools import compare
+    assert compare.parse_policy('swdpp:{"weights":"importance"}') == ("swdpp", {"weights": "importance"})
+    assert compare.policy_tag("swdpp", {"weights": "importance", "tilt": 0.5}) == "swdpp-tilt_0.5-weights_importance"
+    with pytest.raises(SystemExit, match="not JSON"):
+        compare.parse_policy("swdpp:{weights}")
+    assert report.policy_label("swdpp", '{"weights": "importance"}') == "swdpp{weights=importance}"
+    assert report.policy_label("rs2", "{}") == "rs2"
+    assert compare.main(["--data", "x", "--policies", 'swdpp:{"floor":0.3}', "--seeds", "4", "--dry-run",
+                         "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "swdpp-floor_0.3-k0.7-s4" in out and '--policy-kwargs {"floor": 0.3}' in out

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.paired import paired_differences, paired_table, plot_accuracy_vs_samples  # noqa: E402
 from trainers.metrics import read_jsonl  # noqa: E402
 
 
@@ -275,7 +276,9 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
     outp.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs)
     tab = table(rows)
-    files = plots(runs, outp)
+    files = plots(runs, outp) + plot_accuracy_vs_samples(runs, outp)
+    pairs = paired_differences(runs)
+    ptab = paired_table(pairs)
     with open(outp / "runs.csv", "w", newline="") as f:
         keys = ["dataset", "policy", "keep", "seed", "epochs_done", "complete", "test_acc", "wall_s", "cpu_s", "elapsed_s",
                 "samples_read", "bytes_read", "requests", "steps", "kept", "data_wait_s", "compute_s", "run"]
@@ -287,14 +290,19 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
           "Final test accuracy (mean ± sample std over seeds), training wall time (data wait + compute,",
           "evaluation excluded), training CPU time (the trainer and its loader workers; less sensitive to",
           "other jobs on the machine than wall time), totals read over the run, and ratios versus the",
-          "full-data run of the same dataset. `*` = some run of the group is incomplete.", "", tab, ""]
+          "full-data run of the same dataset. `*` = some run of the group is incomplete.", "", tab, "",
+          "## Paired differences", "",
+          "Per-seed test-accuracy difference of each policy against each other (same seeds: same initial",
+          "weights and augmentation stream), mean over the common seeds, its standard error, and how",
+          "many seeds the first policy won.", "", ptab, ""]
     md += [f"![{p.stem}]({p.name})" for p in files]
     (outp / "report.md").write_text("\n".join(md) + "\n")
     (outp / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
+    (outp / "paired.json").write_text(json.dumps(pairs, indent=1, default=str))
     if not quiet:
         print(tab)
         print(f"\nreport: {outp / 'report.md'} ({len(files)} plots)")
-    return {"rows": rows, "runs": runs, "table": tab, "files": files, "out": outp}
+    return {"rows": rows, "runs": runs, "table": tab, "files": files, "out": outp, "pairs": pairs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
