@@ -38,22 +38,28 @@ def setup(n: int, shard: int, seed: int = 0):
 
 
 def cmd_time(a):
-    print(f"{'N':>12} {'policy s':>9} {'plan s':>8} {'digest s':>9} {'plan ns/sample':>15}")
+    """Policy, make_plan and digest seconds (best of --repeat, the policies' repetitions
+    interleaved, consecutive epochs from 3 on: the carry-over policies plan in order)."""
+    print(f"{'N':>12} {'policy':>10} {'policy s':>9} {'plan s':>8} {'digest s':>9} {'plan ns/sample':>15}")
     for n in a.n:
         file, offset, s = setup(n, a.shard)
-        pol = get_policy("swdpp", keep=a.keep, epochs=10)
-        tp, tm, td = [], [], []
+        pols = {name: get_policy(name, keep=a.keep, epochs=10) for name in a.policies}
+        times = {name: ([], [], []) for name in a.policies}
         for rep in range(a.repeat):
-            t0 = time.perf_counter()
-            out = pol(s, 3 + rep, rng(0, 3 + rep, Stream.POLICY))
-            t1 = time.perf_counter()
-            plan = make_plan(out, seed=0, epoch=3 + rep, file=file, offset=offset, order=None, window=a.window)
-            t2 = time.perf_counter()
-            plan.digest
-            t3 = time.perf_counter()
-            tp.append(t1 - t0), tm.append(t2 - t1), td.append(t3 - t2)
-            del out, plan
-        print(f"{n:>12,} {min(tp):>9.3f} {min(tm):>8.3f} {min(td):>9.3f} {1e9 * min(tm) / n:>15.1f}", flush=True)
+            for name, pol in pols.items():
+                tp, tm, td = times[name]
+                t0 = time.perf_counter()
+                out = pol(s, 3 + rep, rng(0, 3 + rep, Stream.POLICY))
+                t1 = time.perf_counter()
+                plan = make_plan(out, seed=0, epoch=3 + rep, file=file, offset=offset, order=None, window=a.window)
+                t2 = time.perf_counter()
+                plan.digest
+                t3 = time.perf_counter()
+                tp.append(t1 - t0), tm.append(t2 - t1), td.append(t3 - t2)
+                del out, plan
+        for name, (tp, tm, td) in times.items():
+            print(f"{n:>12,} {name:>10} {min(tp):>9.3f} {min(tm):>8.3f} {min(td):>9.3f} "
+                  f"{1e9 * min(tm) / n:>15.1f}", flush=True)
 
 
 def cmd_memory(a):
@@ -134,6 +140,7 @@ def main():
     ap.add_argument("--window", type=int, default=8)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--policies", nargs="+", default=["swdpp"], help="policies timed side by side (time)")
     a = ap.parse_args()
     {"time": cmd_time, "memory": cmd_memory, "locality": cmd_locality, "all": cmd_all}[a.what](a)
 
