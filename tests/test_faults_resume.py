@@ -108,11 +108,12 @@ def _assert_same_as_full(out: Path, full: Path) -> None:
 
 
 def test_max_steps_stop_then_resume_reports_the_whole_epoch(data, full_run, tmp_path):
-    """Stopped in the middle of epoch 1 (20 + 4 steps) with batches in flight (one reader
+    """Stopped in the middle of epoch 1 (epoch 0's steps + 4) with batches in flight (one reader
     process): the resumed epoch's io block counts the whole epoch, not the part after the
     stop plus the whole epoch's planned steps."""
     out = tmp_path / "run"
-    _run(_cmd(data, out, "--max-steps", "24"))
+    steps0 = _records(full_run)[0]["steps"]
+    _run(_cmd(data, out, "--max-steps", str(steps0 + 4)))
     part = json.loads((out / "ids-rank0.jsonl").read_text().splitlines()[-1])
     assert (part["epoch"], part["step"]) == (1, 4)
     _run(_cmd(data, out, "--resume"))
@@ -245,13 +246,15 @@ def _planned(data: Path, ckpt: Path, epoch: int) -> list[int]:
     from trainers import checkpoint
 
     ds = pipeline.open_dataset(data)
-    sd = dict(checkpoint.load(ckpt)["loader"]["scores"])
+    loader_state = checkpoint.load(ckpt)["loader"]
+    sd = dict(loader_state["scores"])
     for k in ("pending_ids", "pending_losses", "pending_weights"):
         sd[k] = np.asarray(sd[k])[:0]
     scores = Scores(len(ds))
     scores.load_state_dict(sd)
-    planner = EpochPlanner(get_policy("swdpp", keep=0.7, epochs=2), scores, ds.file, ds.offset, 0,
-                           world_size=1, window=4, order=ds.byte_order)
+    policy = get_policy("swdpp", keep=0.7, epochs=2)
+    policy.load_state_dict(loader_state["policy"])        # the run's carry-over credits
+    planner = EpochPlanner(policy, scores, ds.file, ds.offset, 0, world_size=1, window=4, order=ds.byte_order)
     ids = planner.plan(epoch).ids
     return sorted(ids[ids >= 0].tolist())
 
@@ -287,8 +290,8 @@ def _check_elastic(data: Path, out: Path, saved: Path, stopped_at: int, new_worl
 
 def test_elastic_resume_two_ranks_to_one(data, tmp_path):
     out = tmp_path / "run"
-    # 2 ranks: epoch 0 has 10 steps, epoch 1 (K = 256) 4; stop after 2 steps of epoch 1
-    _run(_torchrun(2, _cmd(data, out, "--max-steps", "12", workers=0)))
+    # 2 ranks: K = 448 in every epoch (swdpp), 7 steps per rank; stop after 2 steps of epoch 1
+    _run(_torchrun(2, _cmd(data, out, "--max-steps", "9", workers=0)))
     saved = tmp_path / "stopped.pt"
     shutil.copy(out / "ckpt" / "last.pt", saved)
     r = _run(_cmd(data, out, "--resume", workers=0))
@@ -298,8 +301,8 @@ def test_elastic_resume_two_ranks_to_one(data, tmp_path):
 
 def test_elastic_resume_one_rank_to_three(data, tmp_path):
     out = tmp_path / "run"
-    # 1 rank: epoch 0 has 20 steps, epoch 1 8; stop after 3 steps of epoch 1
-    _run(_cmd(data, out, "--max-steps", "23", workers=0))
+    # 1 rank: 14 steps per epoch; stop after 3 steps of epoch 1
+    _run(_cmd(data, out, "--max-steps", "17", workers=0))
     saved = tmp_path / "stopped.pt"
     shutil.copy(out / "ckpt" / "last.pt", saved)
     r = _run(_torchrun(3, _cmd(data, out, "--resume", workers=0)))

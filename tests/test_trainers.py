@@ -114,7 +114,7 @@ def e2e_runs(fmnist_small, tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.mark.parametrize("policy", ["full", "uniform", "infobatch", "ucb", "eps_greedy", "swdpp"])
+@pytest.mark.parametrize("policy", ["full", "uniform", "rs2", "infobatch", "ucb", "eps_greedy", "swdpp", "swdpp_v1"])
 def test_e2e_policy_learns(e2e_runs: dict, policy: str) -> None:
     d = e2e_runs[policy]
     recs = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -135,7 +135,8 @@ def test_e2e_report_written(e2e_runs: dict, tmp_path: Path) -> None:
     from tools.report import write_report
 
     res = write_report([str(p) for p in e2e_runs.values()], tmp_path / "rep", quiet=True)
-    assert len(res["rows"]) == 6 and len(res["files"]) == 4
+    from trainers.classify import POLICIES
+    assert len(res["rows"]) == len(POLICIES) and len(res["files"]) == 5
     full = next(r for r in res["rows"] if r["policy"] == "full")
     sw = next(r for r in res["rows"] if r["policy"] == "swdpp")
     assert sw["samples_read"] < full["samples_read"]
