@@ -6,7 +6,6 @@ sample must match what the `webdataset` library reads from the same shards.
 """
 import io
 import json
-import os
 import random
 import shutil
 import subprocess
@@ -24,14 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def jpegs(cifar_jpeg_root):
+def jpegs(cifar_jpegs):
     """(class name, jpeg bytes) for 12 images of each of the 10 CIFAR-10 classes."""
-    out = []
-    train = cifar_jpeg_root / "train"
-    for c in sorted(os.listdir(train)):
-        for f in sorted(os.listdir(train / c))[:12]:
-            out.append((c, (train / c / f).read_bytes()))
-    return out
+    return cifar_jpegs
 
 
 @pytest.fixture(scope="module")
