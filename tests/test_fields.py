@@ -5,19 +5,19 @@ members, PAX headers); every delivered row's label and fields must equal what th
 `webdataset` library reads for that sample from the same shards.  Fields are read only
 for planned samples (and the fill samples of padding rows), in their image's request.
 """
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import pipeline
+from _tars import pax_tar, shard_writer
 from pipeline.formats.index import IndexError_, index
 from pipeline.options import LoaderOptions
 from pipeline.read.ranges import MEMBER_GAP, merge_ranges
@@ -28,14 +28,14 @@ KINDS = {"txt": "str", "json": "json"}
 
 @pytest.fixture(scope="module")
 def shards(cifar_jpegs, tmp_path_factory):
-    import webdataset as wds
     d = tmp_path_factory.mktemp("wds-fields")
     classes = sorted({c for c, _ in cifar_jpegs})
-    with wds.ShardWriter(str(d / "part-%06d.tar"), maxcount=40, verbose=0) as w:
-        for i, (c, data) in enumerate(cifar_jpegs):
-            caption = "" if i % 17 == 0 else f"a small photo of a {c}, n\u00b0{i}" + " ~" * (i % 9)
-            w.write({"__key__": f"{c}/img{i:04d}", "jpg": data, "cls": str(classes.index(c)),
-                     "txt": caption, "json": json.dumps({"i": i, "class": c, "caption": caption})})
+
+    def sample(i, c, data):  # captions of varied length, some empty, not all ASCII
+        caption = "" if i % 17 == 0 else f"a small photo of a {c}, n\u00b0{i}" + " ~" * (i % 9)
+        return {"__key__": f"{c}/img{i:04d}", "jpg": data, "cls": str(classes.index(c)),
+                "txt": caption, "json": json.dumps({"i": i, "class": c, "caption": caption})}
+    shard_writer(d, (sample(i, c, data) for i, (c, data) in enumerate(cifar_jpegs)))
     return d
 
 
@@ -68,7 +68,7 @@ def _want(r, name, kind):
 
 def _check_batch(ds, ref, b, fill, kinds):
     """Every row carries its own sample's (a padding row: its fill sample's) label and fields."""
-    ids = b.ids.numpy()
+    ids = b.ids.cpu().numpy()
     for j, sid in enumerate(np.where(ids >= 0, ids, fill).tolist()):
         for name, kind in kinds.items():
             got = b.fields[name][j]
@@ -103,17 +103,21 @@ def test_members_of_one_sample_share_a_request():
     assert len(merge_ranges(f, s, e, 0, owner=np.array([7, 8, 8]))[2]) == 3
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
-def test_loader_delivers_fields_of_planned_samples_only(indexed, ref, backend):
+@pytest.mark.parametrize("backend,device", [
+    ("torch", "cpu"), ("dali", "cpu"),
+    pytest.param("dali", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU (DALI mixed decode)")])])
+def test_loader_delivers_fields_of_planned_samples_only(indexed, ref, backend, device):
     ds = pipeline.open_dataset(indexed)
     opts = LoaderOptions.of(image_size=32, fields=KINDS, policy_kwargs={"warmup": 0, "budget": "epoch"})
-    L = pipeline.Loader(ds, 32, keep=0.7, policy="swdpp", epochs=4, backend=backend, device="cpu",
+    L = pipeline.Loader(ds, 32, keep=0.7, policy="swdpp", epochs=4, backend=backend, device=device,
                         augment="imagenet", mixup=True, num_workers=1, options=opts)
     bp, mixed, seen = L.batch_plan(0), 0, []
     for b in L.epoch(0):
         _check_batch(ds, ref, b, bp.fill[bp.row(b.step)], KINDS)
         mixed += 0 if b.mix is None else int(b.mix.mixed.sum())   # fields stay the primary's
         seen += b.ids[b.ids >= 0].tolist()
+        assert b.images.device.type == device
     L.close()
     planned = bp.ids[bp.ids >= 0]
     assert sorted(seen) == sorted(planned.tolist()) and len(planned) == 84 and mixed > 0
@@ -144,17 +148,9 @@ def test_resumed_epoch_delivers_the_same_fields(indexed):
     assert rest == whole[2:] and len(rest) >= 2
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-
-
 def test_missing_far_and_undecodable_fields(cifar_jpegs, tmp_path):
     img = cifar_jpegs[0][1]
-    _tar(tmp_path / "odd.tar", [
+    pax_tar(tmp_path / "odd.tar", [
         ("s0.cls", b"1"), ("s0.jpg", img), ("s0.json", b'{"a": 1}'), ("s0.txt", b"zero"),
         ("s1.cls", b"2"), ("s1.jpg", img), ("s1.json", b"{}"),                    # no .txt
         ("s2.cls", b"3"), ("s2.jpg", img), ("s2.npy", bytes(2 * MEMBER_GAP)),     # far from jpg
@@ -230,7 +226,8 @@ def test_fields_over_http(shards, ref, tmp_path):
 
 
 def test_trainer_one_epoch_on_indexed_shards_with_fields(indexed, tmp_path):
-    """Classification and the trainer are unchanged: the recorded fields are not read."""
+    """`trainers.classify`, unchanged, trains on shards indexed in place (webdataset's own
+    ShardWriter, .cls/.jpg/.json/.txt, fields recorded): the fields are simply not read."""
     r = subprocess.run([sys.executable, "-m", "trainers.classify", "--data", str(indexed),
                         "--epochs", "1", "--batch-size", "32", "--width", "8", "--policy", "full",
                         "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"],
