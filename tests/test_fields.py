@@ -7,6 +7,7 @@ for planned samples (and the fill samples of padding rows), in their image's req
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import torch
 
 import pipeline
 from _tars import pax_tar, shard_writer
+from pipeline.formats import VerifyError, verify
 from pipeline.formats.index import IndexError_, index
 from pipeline.options import LoaderOptions
 from pipeline.read.ranges import MEMBER_GAP, merge_ranges
@@ -93,6 +95,18 @@ def test_manifest_records_the_members_of_every_sample(indexed, ref):
             <= MEMBER_GAP
     with pytest.raises(KeyError, match="no field 'cls'"):
         ds.read_field("cls", 0)
+    assert verify(indexed)["ok"]     # --verify checks each field's member header too
+
+
+def test_verify_names_a_field_pointing_at_another_member(indexed, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(indexed, out)
+    col = out / "manifest" / "field.txt.offset.npy"
+    txt, js = np.load(col), np.load(out / "manifest" / "field.json.offset.npy")
+    txt[5] = js[5]
+    np.save(col, txt)
+    with pytest.raises(VerifyError, match=r"field \.txt of sample 5 .* points at member .*\.json"):
+        verify(out)
 
 
 def test_members_of_one_sample_share_a_request():
