@@ -19,8 +19,10 @@ with its own component ``CE(z_i, y_i)`` and weight ``lambda_i`` (1 when unmixed)
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,13 +173,55 @@ def cut_batches(ids: np.ndarray, weights: np.ndarray, mixup: np.ndarray, batch_s
                      fill_ids(cut, fill_from), int(first_step))
 
 
+class FieldKind(str, Enum):
+    """How a requested extra member (``ReadOptions.fields``) reaches ``Batch.fields``."""
+
+    BYTES = "bytes"   # the member's bytes as stored
+    STR = "str"       # UTF-8 text
+    JSON = "json"     # the decoded JSON value
+
+
+_EMPTY = {FieldKind.BYTES: b"", FieldKind.STR: "", FieldKind.JSON: None}
+
+
+def decode_fields(raw: dict[str, list[bytes]], kinds: dict[str, FieldKind]
+                  ) -> tuple[dict[str, list[Any]], dict[int, str]]:
+    """Decode each row's extra members as ``kinds`` says.  Returns the values (an empty
+    member, as rows without a sample carry, gives ``b""`` / ``""`` / None) and, per row
+    whose member does not decode, why (the row gets the empty value)."""
+    out: dict[str, list[Any]] = {}
+    failed: dict[int, str] = {}
+    for name, kind in kinds.items():
+        values = list(raw[name])
+        if kind is not FieldKind.BYTES:
+            for j, data in enumerate(values):
+                try:
+                    text = data.decode("utf-8") if data else ""
+                    values[j] = text if kind is FieldKind.STR else (json.loads(text) if text else None)
+                except ValueError as e:  # UnicodeDecodeError and JSONDecodeError both are
+                    failed.setdefault(j, f"its .{name} member is not {kind.value} ({e})")
+                    values[j] = _EMPTY[kind]
+        out[name] = values
+    return out, failed
+
+
+def blank_rows(values: dict[str, list[Any]], kinds: dict[str, FieldKind], rows) -> None:
+    """Give ``rows`` (now padding: corrupt samples) empty field values."""
+    for name, kind in kinds.items():
+        for j in rows:
+            values[name][j] = _EMPTY[kind]
+
+
 @dataclass
 class Batch:
     """One training step's data.
 
     ``images`` float NCHW on the loader's device; ``labels`` int64 (0 on padding rows);
     ``ids`` int64 sample ids (-1 = padding or a skipped corrupt sample); ``weights``
-    float32 loss weights (0 on padding); ``mix`` who was mixed with whom (or None).
+    float32 loss weights (0 on padding); ``mix`` who was mixed with whom (or None);
+    ``fields`` the requested extra members (``ReadOptions.fields``): name -> one value per
+    row, of the row's primary sample (a mixed row's partner's fields are not merged in; a
+    padding row carrying a fill sample has that sample's, other padding rows empty ones).
     """
 
     images: torch.Tensor
@@ -187,6 +231,7 @@ class Batch:
     mix: MixInfo | None
     epoch: int
     step: int
+    fields: dict[str, list[Any]] = field(default_factory=dict)
     # (mixup-aware losses returned by loss(), primaries' CE, lambda): for score_update
     _score: tuple | None = field(default=None, repr=False)
 

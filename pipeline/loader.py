@@ -26,7 +26,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .batch import Batch, BatchPlan, LastBatch, MixInfo, apply_mixup, cut_batches, draw_mixup
+from .batch import (Batch, BatchPlan, LastBatch, MixInfo, apply_mixup, blank_rows, cut_batches,
+                    decode_fields, draw_mixup)
 from .decode import BACKENDS
 from .decode.augment import get_augment
 from .decode.backend import BackendConfig, RawBatch
@@ -111,9 +112,11 @@ class Loader:
         if opt.read.verify_files:
             ds.check_files(verify_checksum=(opt.read.verify_files == "checksum"))
         self.merge_gap = reader.merge_gap
+        self.field_kinds = dict(opt.read.fields)  # the source refuses fields the manifest lacks
         filler = make_filler(ds.codec, ds.sample_shape, int(ds.channels))
         self.source = PlannedSource(ds, reader, self.bad, filler,
-                                    verify_crc=opt.read.verify_crc and ds.has_checksums)
+                                    verify_crc=opt.read.verify_crc and ds.has_checksums,
+                                    fields=tuple(self.field_kinds))
 
         self.scores = opt.plan.scores
         self.policy = self.planner = None
@@ -264,8 +267,13 @@ class Loader:
             raise RuntimeError(f"epoch {epoch} step {step}: backend delivered ids "
                                f"{meta['id'][:8].tolist()}..., planned {ids[:8].tolist()}...")
         corrupt = (meta["flag"] == Flag.CORRUPT) & (ids >= 0)
+        fields, undecodable = decode_fields(raw.fields, self.field_kinds)
+        why = {int(ids[j]): w for j, w in undecodable.items() if ids[j] >= 0}
+        if why:  # a field member that does not decode makes its sample a corrupt one
+            corrupt |= np.isin(ids, list(why))
+            blank_rows(fields, self.field_kinds, np.flatnonzero(corrupt).tolist())
         if corrupt.any():
-            self._corrupt(ids[corrupt], st)
+            self._corrupt(ids[corrupt], st, why)
         ids = np.where(corrupt, -1, ids)
         valid = ids >= 0
         st.samples_delivered += int(valid.sum())
@@ -285,13 +293,15 @@ class Loader:
         weights = np.where(valid, bp.weights[row], 0).astype(np.float32)
         return Batch(images=images, labels=torch.from_numpy(labels).to(dev),
                      ids=torch.from_numpy(ids.astype(np.int64)).to(dev),
-                     weights=torch.from_numpy(weights).to(dev), mix=info, epoch=epoch, step=step)
+                     weights=torch.from_numpy(weights).to(dev), mix=info, epoch=epoch, step=step,
+                     fields=fields)
 
-    def _corrupt(self, bad_ids: np.ndarray, st: EpochStats) -> None:
+    def _corrupt(self, bad_ids: np.ndarray, st: EpochStats, why: dict[int, str] | None = None) -> None:
         for i in bad_ids.tolist():
             f = self.ds.files[int(self.ds.file[i])]
+            reason = (why or {}).get(i, "checksum mismatch or undecodable")
             msg = (f"corrupt sample {i} ({f} @ {int(self.ds.offset[i])}, "
-                   f"{int(self.ds.length[i])} bytes): checksum mismatch or undecodable")
+                   f"{int(self.ds.length[i])} bytes): {reason}")
             if self.options.read.on_corrupt is OnCorrupt.RAISE:
                 raise CorruptSampleError(msg)
             if i not in self._warned:

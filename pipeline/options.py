@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Mapping
 
-from .batch import LastBatch
+from .batch import FieldKind, LastBatch
 
-__all__ = ["OnCorrupt", "PlanOptions", "ReadOptions", "DecodeOptions", "BatchOptions",
+__all__ = ["OnCorrupt", "FieldKind", "PlanOptions", "ReadOptions", "DecodeOptions", "BatchOptions",
            "LoaderOptions"]
 
 
@@ -51,13 +51,33 @@ class PlanOptions:
             raise ValueError(f"rank {self.rank!r} out of range for world_size {self.world_size}")
 
 
+def _field_kinds(spec) -> dict[str, FieldKind]:
+    """``None`` / names / ``{name: kind}`` -> ``{name: FieldKind}`` (checked)."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        raise ValueError(f"fields must be a list of names or a {{name: kind}} mapping, not the "
+                         f"string {spec!r}")
+    items = spec.items() if isinstance(spec, Mapping) else ((n, FieldKind.BYTES) for n in spec)
+    out = {}
+    for name, kind in items:
+        if not isinstance(name, str) or not name or name in out:
+            raise ValueError(f"fields: {name!r} is not a field name, or is named twice")
+        out[name] = _enum(FieldKind, kind, f"fields[{name!r}]")
+    return out
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """Reading: request merging (bytes or "neighbors"; default per storage), checks, remote
     storage options, O_DIRECT, the corrupt-sample rule and the work directory.
 
     ``request_timeout`` (seconds without a byte from the server) and ``retries`` (with
-    backoff) bound how long an http(s) read may fail before it raises (read/remote.py)."""
+    backoff) bound how long an http(s) read may fail before it raises (read/remote.py).
+
+    ``fields``: extra members recorded in the manifest (``shard.py index --fields``) to
+    deliver as ``Batch.fields``: names (as bytes) or ``{name: "bytes" | "str" | "json"}``;
+    read with each planned sample, in its image's request where adjacent."""
 
     merge_gap: int | str | None = None
     verify_crc: bool = True
@@ -68,9 +88,11 @@ class ReadOptions:
     workdir: str | None = None
     request_timeout: float = 10.0
     retries: int = 3
+    fields: Mapping[str, FieldKind] | tuple[str, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "on_corrupt", _enum(OnCorrupt, self.on_corrupt, "on_corrupt"))
+        object.__setattr__(self, "fields", _field_kinds(self.fields))
         if not float(self.request_timeout) > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
         if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:

@@ -6,6 +6,8 @@ Paths and real data (skip with a clear reason when the data is absent):
     cifar_jpeg_root  Path of the extracted "cifar10-jpeg" directory (train/ and test/
                      ImageFolder trees), extracted once per session into a tmp dir
     fmnist_dir       Path of the Fashion-MNIST IDX files (/usr/share/datasets/fashion-mnist)
+    cifar_jpegs      (class name, JPEG bytes) of the first 12 train images of each CIFAR-10
+                     class (120 real images, for writing third-party shards)
 
 Small converted datasets (made with pipeline.formats.convert; open with
 pipeline.open_dataset(path)); each fixture returns the output directory (Path):
@@ -60,6 +62,13 @@ def cifar_jpeg_root(shared_data, tmp_path_factory) -> Path:
     if not (root / "train").is_dir():
         pytest.skip(f"{archive} does not contain cifar10-jpeg/train")
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_jpegs(cifar_jpeg_root) -> list[tuple[str, bytes]]:
+    train = cifar_jpeg_root / "train"
+    return [(c, (train / c / f).read_bytes()) for c in sorted(os.listdir(train))
+            for f in sorted(os.listdir(train / c))[:12]]
 
 
 @pytest.fixture(scope="session")

@@ -4,45 +4,36 @@ Shards are written by the `webdataset` library itself (ShardWriter: PAX headers,
 mtimes), by GNU tar (long names, members in any order within a sample); every indexed
 sample must match what the `webdataset` library reads from the same shards.
 """
-import io
 import json
-import os
 import random
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pipeline
+from _tars import pax_tar, shard_writer
 from pipeline.formats.index import IndexError_, index
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def jpegs(cifar_jpeg_root):
+def jpegs(cifar_jpegs):
     """(class name, jpeg bytes) for 12 images of each of the 10 CIFAR-10 classes."""
-    out = []
-    train = cifar_jpeg_root / "train"
-    for c in sorted(os.listdir(train)):
-        for f in sorted(os.listdir(train / c))[:12]:
-            out.append((c, (train / c / f).read_bytes()))
-    return out
+    return cifar_jpegs
 
 
 @pytest.fixture(scope="module")
 def wds_shards(jpegs, tmp_path_factory):
-    import webdataset as wds
     d = tmp_path_factory.mktemp("wds-shards")
     classes = sorted({c for c, _ in jpegs})
-    with wds.ShardWriter(str(d / "part-%06d.tar"), maxcount=40, verbose=0) as w:
-        for i, (c, data) in enumerate(jpegs):
-            w.write({"__key__": f"{c}/sample{i:04d}", "jpg": data, "cls": str(classes.index(c)),
-                     "json": json.dumps({"meta": {"class": classes.index(c)}, "name": c})})
+    shard_writer(d, ({"__key__": f"{c}/sample{i:04d}", "jpg": data, "cls": str(classes.index(c)),
+                      "json": json.dumps({"meta": {"class": classes.index(c)}, "name": c})}
+                     for i, (c, data) in enumerate(jpegs)))
     return d, classes
 
 
@@ -97,21 +88,13 @@ def test_gnu_tar_long_names_any_member_order(jpegs, tmp_path):
         assert {ds.read(i): int(ds.labels[i]) for i in range(30)} == want
 
 
-def _tar(path, members):
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in members:
-            ti = tarfile.TarInfo(name)
-            ti.size = len(data)
-            tf.addfile(ti, io.BytesIO(data))
-
-
 def test_bad_input_named_skipped_or_refused(jpegs, tmp_path):
     img = jpegs[0][1]
     good = [("s0.jpg", img), ("s0.cls", b"1"), ("s1.jpg", img), ("s1.cls", b"2")]
-    _tar(tmp_path / "noimage.tar", good + [("s2.txt", b"hi"), ("s2.cls", b"3")])
-    _tar(tmp_path / "dup.tar", good + [("s3.jpg", img), ("s3.cls", b"4"), ("s0.jpg", img)])
-    _tar(tmp_path / "badlabel.tar", good + [("s4.jpg", img), ("s4.cls", b"x")])
-    _tar(tmp_path / "nolabel.tar", good + [("s5.jpg", img)])
+    pax_tar(tmp_path / "noimage.tar", good + [("s2.txt", b"hi"), ("s2.cls", b"3")])
+    pax_tar(tmp_path / "dup.tar", good + [("s3.jpg", img), ("s3.cls", b"4"), ("s0.jpg", img)])
+    pax_tar(tmp_path / "badlabel.tar", good + [("s4.jpg", img), ("s4.cls", b"x")])
+    pax_tar(tmp_path / "nolabel.tar", good + [("s5.jpg", img)])
     cases = {"noimage": "s2': no image member", "dup": "s0': duplicate key",
              "badlabel": "'x' in .cls is not an integer", "nolabel": "s5': label 'cls': no .cls member"}
     for name, msg in cases.items():
@@ -148,14 +131,5 @@ def test_loader_reads_indexed_shards(wds_shards, tmp_path, backend):
     L.close()
 
 
-def test_trainer_one_epoch_on_indexed_shards(wds_shards, tmp_path):
-    d, _ = wds_shards
-    assert subprocess.run([sys.executable, str(REPO / "tools/shard.py"), "index", str(d),
-                           str(tmp_path / "out"), "--no-progress"]).returncode == 0
-    r = subprocess.run([sys.executable, "-m", "trainers.classify", "--data", str(tmp_path / "out"),
-                        "--epochs", "1", "--batch-size", "32", "--width", "8", "--policy", "full",
-                        "--device", "cpu", "--out", str(tmp_path / "run"), "--no-progress"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    rec = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert rec["train_samples"] == 120 and np.isfinite(rec["train_loss"])
+# The trainer on indexed shards (.cls/.jpg/.json/.txt, fields recorded): tests/test_fields.py,
+# test_trainer_one_epoch_on_indexed_shards_with_fields.

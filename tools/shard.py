@@ -5,7 +5,8 @@
         [--encode png|jpeg|npy --quality Q] [--resize HxW] [--limit N] [--name NAME]
         [--source-type imagefolder|cifar|idx|npz] [--overwrite] [--strict]
     python tools/shard.py --verify OUT
-    python tools/shard.py index SHARDS OUT [--label cls|txt|json:PATH|key:REGEX] [--workers N] [--strict]
+    python tools/shard.py index SHARDS OUT [--label cls|txt|json:PATH|key:REGEX] [--fields txt,json]
+        [--workers N] [--strict]
 
 SRC: an ImageFolder tree (SRC/<class>/<file>), CIFAR-10/100 python batches, MNIST-family
 IDX files, or an .npz with x/y. ``index`` writes a manifest for existing WebDataset shards
@@ -72,6 +73,9 @@ def build_index_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output directory (manifest + DALI index files)")
     p.add_argument("--label", default="cls",
                    help="cls (default) | cls2 | txt | json:PATH (e.g. json:meta.class) | key:REGEX")
+    p.add_argument("--fields", default="", metavar="EXT,...",
+                   help="extra members to record per sample and deliver as batch.fields "
+                        "(e.g. txt,json); a sample without one is skipped (--strict: refused)")
     p.add_argument("--workers", type=int, default=4, help="shards indexed at once")
     p.add_argument("--strict", action="store_true", help="fail on the first bad shard or sample")
     p.add_argument("--no-progress", action="store_true")
@@ -85,7 +89,7 @@ def index_main(argv: list[str]) -> int:
     t0 = time.perf_counter()
     try:
         s = index(args.shards, args.out, label=args.label, strict=args.strict,
-                  workers=args.workers, progress=not args.no_progress)
+                  workers=args.workers, progress=not args.no_progress, fields=args.fields)
     except (IndexError_, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

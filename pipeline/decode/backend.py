@@ -6,7 +6,7 @@ sample that kills the decoder.  The Loader only calls::
 
     backend = BACKENDS[name](config)           # workers may start here (before CUDA)
     for raw in backend.start(ids, header):     # ids int64 [steps, 2, B]: ids, fill (table.py)
-        ...                                    # RawBatch: images, meta, reads, decode_s
+        ...                                    # RawBatch: images, meta, reads, decode_s, fields
     reads = backend.abandon()                  # the caller left early: stop, drain, clean up
     backend.close()                            # stop workers, for good
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Iterator
 
 import numpy as np
@@ -54,12 +54,14 @@ class BackendConfig:
 class RawBatch:
     """One decoded batch: ``images`` float NCHW (on the training device when the backend
     decodes there, else CPU), ``meta`` ``META_DTYPE [B]``, what producing it read, and the
-    seconds spent decoding and augmenting (0 when the backend cannot tell)."""
+    seconds spent decoding and augmenting (0 when the backend cannot tell); ``fields``: the
+    requested extra members of each row, as raw bytes (``SourceBatch.fields``)."""
 
     images: torch.Tensor
     meta: np.ndarray
     reads: ReadCounters
     decode_s: float = 0.0
+    fields: dict[str, list[bytes]] = field(default_factory=dict)  # SourceBatch.fields
 
 
 def decodable(data: bytes, codec: str) -> bool:

@@ -37,12 +37,15 @@ from .buffers import TensorPool
 
 __all__ = ["DaliBackend"]
 
+FIELD_PREFIX = "field."  # callback outputs carrying a requested extra member
+
 
 class _Callback:
     """Batch-mode external_source callback: stateless, picklable (spawn) and fork-safe.
 
     ``fields`` names its outputs in order (a subset of payload, meta, anchor, shape, flip,
-    length).  Whatever has a fixed shape goes as one array with a batch dimension: DALI
+    length, then ``field.<name>`` for each requested extra member: its bytes, which the
+    graph hands back untouched as CPU outputs).  Whatever has a fixed shape goes as one array with a batch dimension: DALI
     ships it through shared memory as one buffer, while a list costs per-sample Python
     work in the main process.  With ``packed_len`` the payloads arrive as one
     ``[B, packed_len]`` array read in place; ``length`` lets the GPU graph cut each row
@@ -66,6 +69,8 @@ class _Callback:
             out.update(anchor=p.anchor, shape=p.shape, flip=p.flip)
         if "length" in self.fields:
             out["length"] = sb.meta["length"].astype(np.float32).reshape(-1, 1)
+        for name, values in sb.fields.items():  # ragged uint8 rows, passed through the graph
+            out[FIELD_PREFIX + name] = [np.frombuffer(v, dtype=np.uint8) for v in values]
         return tuple(out[f] for f in self.fields)
 
 
@@ -95,15 +100,15 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool
                                     mean=list(spec.mean), std=list(spec.std), **kw)
 
 
-def _output_fields(spec: AugmentSpec, trim: bool) -> tuple[str, ...]:
+def _output_fields(spec: AugmentSpec, trim: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The callback's outputs for ``spec``: a pad-crop window has a fixed shape (not sent);
-    a random-resized crop's varies per sample."""
+    a random-resized crop's varies per sample; then the requested extra members."""
     fields = ["payload", "meta"]
     if spec.mode in ("pad_crop", "rrc") or spec.flip:
         fields += ["anchor", "flip"] if spec.mode == "pad_crop" else ["anchor", "shape", "flip"]
     if trim:
         fields.append("length")
-    return tuple(fields)
+    return tuple(fields) + tuple(FIELD_PREFIX + name for name in extra)
 
 
 def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
@@ -115,9 +120,10 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
     codec, spec = cfg.source.codec, cfg.spec
     stack = codec == "raw"  # fixed-shape pixels
     packed_len = cfg.source.packed_len()
-    fields = _output_fields(spec, trim=bool(packed_len) and gpu)
+    fields = _output_fields(spec, trim=bool(packed_len) and gpu, extra=cfg.source.fields)
     dtype_of = {"payload": types.UINT8, "meta": types.INT64, "anchor": types.FLOAT,
                 "shape": types.FLOAT, "flip": types.INT32, "length": types.FLOAT}
+    dtype_of.update({FIELD_PREFIX + name: types.UINT8 for name in cfg.source.fields})
     workers = cfg.num_workers
     pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
                     device_id=device_id if gpu else None, seed=cfg.seed,
@@ -147,7 +153,7 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
             images = fn.decoders.image(payload, **decode_kw)
         images = _augment_graph(images, node.get("anchor"), node.get("shape"), node.get("flip"),
                                 spec, cropped)
-        pipe.set_outputs(images, node["meta"])
+        pipe.set_outputs(images, node["meta"], *(node[FIELD_PREFIX + f] for f in cfg.source.fields))
     if workers > 0:
         pipe.start_py_workers()
     return pipe
@@ -168,6 +174,11 @@ def _to_torch(images, device, pool: TensorPool):
     dst = pool.take(t.shape(), torch.float32)
     feed_ndarray(t, dst)
     return dst if str(device) == "cpu" else dst.to(device, non_blocking=True)
+
+
+def _field_bytes(names: tuple[str, ...], outputs) -> dict[str, list[bytes]]:
+    """The pipeline's field outputs (CPU TensorLists of uint8 rows) -> bytes per row."""
+    return {name: [tl.at(i).tobytes() for i in range(len(tl))] for name, tl in zip(names, outputs)}
 
 
 def _shutdown(pipe) -> None:
@@ -231,7 +242,7 @@ class DaliBackend(Backend):
             try:
                 while True:
                     try:
-                        images, meta = self._pipe.run()
+                        images, meta, *extra = self._pipe.run()
                     except StopIteration:
                         break
                     reads = table.reads(self._delivered, self._delivered + 1)
@@ -240,7 +251,8 @@ class DaliBackend(Backend):
                     self._delivered += 1
                     done += 1
                     yield RawBatch(_to_torch(images, self.config.device, self._pool),
-                                   meta_from_array(meta.as_array()), reads)
+                                   meta_from_array(meta.as_array()), reads,
+                                   fields=_field_bytes(self.config.source.fields, extra))
             except GeneratorExit:
                 self.abandon()
                 raise

@@ -79,7 +79,8 @@ def _worker_init(_: int) -> None:
 
 
 class _BatchDataset(torch.utils.data.Dataset):
-    """Map-style over the batches of one published table: index i -> (images, meta, ns)."""
+    """Map-style over the batches of one published table: index i -> (images, meta, ns,
+    fields)."""
 
     def __init__(self, source: PlannedSource, path: str, spec: AugmentSpec, channels: int):
         self.source, self.path, self.spec, self.channels = source, path, spec, channels
@@ -106,7 +107,10 @@ class _BatchDataset(torch.utils.data.Dataset):
                     imgs.append(transform(decode(self.source.filler, codec, ch), params, j,
                                           self.spec))
         decode_ns = int((time.perf_counter() - t0) * 1e9)
-        return torch.stack(imgs), meta_to_array(sb.meta), decode_ns
+        for j in np.flatnonzero(sb.meta["flag"] == Flag.CORRUPT).tolist():
+            for values in sb.fields.values():  # an undecodable image: no sample, no fields
+                values[j] = b""
+        return torch.stack(imgs), meta_to_array(sb.meta), decode_ns, sb.fields
 
 
 class TorchBackend(Backend):
@@ -131,10 +135,10 @@ class TorchBackend(Backend):
             prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
             persistent_workers=False, pin_memory=False, worker_init_fn=_worker_init)
         self._it = iter(dl)
-        for j, (images, meta, decode_ns) in enumerate(self._it):
+        for j, (images, meta, decode_ns, fields) in enumerate(self._it):
             self._delivered = j + 1
             yield RawBatch(images, meta_from_array(meta.numpy()), table.reads(j, j + 1),
-                           int(decode_ns) / 1e9)
+                           int(decode_ns) / 1e9, fields)
         self._it = None
         self._finish()
 

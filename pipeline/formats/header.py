@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -17,11 +18,12 @@ from typing import Any
 from .registry import FORMATS
 from .storage import is_url, read_url
 
-__all__ = ["MANIFEST_VERSION", "HEADER_NAME", "ManifestError", "FileEntry", "ManifestHeader",
+__all__ = ["MANIFEST_VERSION", "HEADER_NAME", "FIELD_NAME", "ManifestError", "FileEntry", "ManifestHeader",
            "header_path", "read_header"]
 
 MANIFEST_VERSION = 1
 HEADER_NAME = "manifest.json"
+FIELD_NAME = re.compile(r"[a-z0-9_][a-z0-9_.-]*")   # a member extension, lower case
 
 
 class ManifestError(ValueError):
@@ -86,6 +88,20 @@ class FileEntry:
         return out
 
 
+def _field_names(data: Mapping, where: str) -> tuple[str, ...] | None:
+    """The ``fields`` list (extensions of the extra members recorded per sample), checked."""
+    names = _items(data, "fields", str, where, required=False)
+    if names is None:
+        return None
+    for name in names:
+        if not FIELD_NAME.fullmatch(name):
+            raise ManifestError(f"{where}: field name {name!r} is not a member extension "
+                                "(letters, digits, '_', '-', '.')")
+    if len(set(names)) != len(names):
+        raise ManifestError(f"{where}: 'fields' lists a name twice: {names}")
+    return tuple(names)
+
+
 def _entries(data: Mapping, key: str, where: str, required: bool = True):
     values = _get(data, key, list, where, required)
     if values is None:
@@ -116,6 +132,7 @@ class ManifestHeader:
     created_by: str | None = None
     index_files: tuple[FileEntry, ...] | None = None    # wds: the DALI .idx files
     member_name: str | None = None                      # wds
+    fields: tuple[str, ...] | None = None               # wds indexed: extra members recorded
     zarr: dict[str, Any] | None = None                  # zarr: group/array names, chunking
     version: int = MANIFEST_VERSION
     columns: dict[str, Any] | None = None               # {name: {dtype, shape}}
@@ -154,6 +171,7 @@ class ManifestHeader:
             created_by=opt("created_by", str),
             index_files=_entries(data, "index_files", where, required=False),
             member_name=opt("member_name", str), zarr=opt("zarr", dict),
+            fields=_field_names(data, where),
             version=version, columns=opt("columns", dict))
 
     def to_json(self) -> dict[str, Any]:

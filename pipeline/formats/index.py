@@ -5,7 +5,8 @@ headers, GNU long names; a member's data is skipped, never read, except the smal
 member when the label comes from one), groups members into samples by WebDataset's key
 rule (the member name up to the first dot of its basename, directories included;
 consecutive members with one key form one sample), picks the image member by extension,
-reads the label as ``label`` says, and writes ``OUT/manifest.json`` + ``OUT/manifest/``
+reads the label as ``label`` says, records the extra members named by ``fields``
+(``txt``, ``json``, ...: their offsets and sizes), and writes ``OUT/manifest.json`` + ``OUT/manifest/``
 (docs/formats.md, "Indexed shards") plus DALI index files beside OUT.  The result opens
 with ``open_dataset`` and works wherever a converted dataset does.
 
@@ -35,7 +36,7 @@ import numpy as np
 
 from .storage import is_url
 
-__all__ = ["IndexError_", "expand_shards", "walk_tar", "index"]
+__all__ = ["IndexError_", "expand_shards", "walk_tar", "check_fields", "index"]
 
 BLOCK = 512
 IMAGE_EXTS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "mixed", "bmp": "mixed",
@@ -239,7 +240,8 @@ def _idx_text(samples: list[Sample]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines)
 
 
-def _index_shard(path: str, label: str, strict: bool, storage_options: dict | None):
+def _index_shard(path: str, label: str, strict: bool, storage_options: dict | None,
+                 fields: tuple[str, ...] = ()):
     """(samples with labels, size, bytes fetched, problems) of one shard."""
     problems: list[str] = []
     try:
@@ -250,7 +252,9 @@ def _index_shard(path: str, label: str, strict: bool, storage_options: dict | No
         got, seen = [], set()
         try:
             for smp in group_samples(walk_tar(r.read_at, r.size, path)):
-                image = [e for e in smp.members if e in IMAGE_EXTS]
+                # a member asked for as a field is not the image (e.g. a .png mask beside a .jpg)
+                image = [e for e in smp.members if e in IMAGE_EXTS and e not in fields]
+                absent = [f for f in fields if f not in smp.members]
                 why = None
                 if smp.key in seen:
                     why = "duplicate key (its members are not consecutive)"
@@ -258,6 +262,8 @@ def _index_shard(path: str, label: str, strict: bool, storage_options: dict | No
                     exts = sorted(smp.members)
                     why = (f"no image member (members: {exts[:8]}{' ...' if len(exts) > 8 else ''};"
                            " a dot in a key ends it, as in WebDataset)")
+                elif absent:
+                    why = f"no .{absent[0]} member (asked for by --fields {','.join(fields)})"
                 else:
                     try:
                         lab = _label(smp, label, lambda m: r.read_at(m.offset, m.size))
@@ -281,26 +287,45 @@ def _index_shard(path: str, label: str, strict: bool, storage_options: dict | No
         r.close()
 
 
+def check_fields(fields) -> tuple[str, ...]:
+    """``"txt,json"`` or a sequence of member extensions -> a tuple of distinct names."""
+    from .header import FIELD_NAME
+    names = [f.strip().lower() for f in (fields.split(",") if isinstance(fields, str) else fields)]
+    names = [f for f in names if f]
+    for f in names:
+        if not FIELD_NAME.fullmatch(f):
+            raise IndexError_(f"--fields: {f!r} is not a member extension (e.g. txt, json, cls2)")
+    if len(set(names)) != len(names):
+        raise IndexError_(f"--fields names a member twice: {names}")
+    return tuple(names)
+
+
 def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool = False,
-          workers: int = 1, storage_options: dict | None = None, progress: bool = False) -> dict:
+          workers: int = 1, storage_options: dict | None = None, progress: bool = False,
+          fields: str | tuple[str, ...] = ()) -> dict:
     """Index ``shards`` (see :func:`expand_shards`) into the dataset directory ``out``.
 
-    Returns a summary (samples, shards, skipped problems, bytes fetched for remote shards).
+    ``fields``: extensions of extra members (``"txt,json"``) whose offset and size are
+    recorded per sample (docs/formats.md, "Fields"); a sample without one of them is
+    skipped and reported (``strict``: refused).  Returns a summary (samples, shards,
+    skipped problems, bytes fetched for remote shards).
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from tqdm import tqdm
 
-    from .manifest import write_manifest
+    from .manifest import field_column, write_manifest
 
+    fields = check_fields(fields)
     paths = expand_shards(shards) if isinstance(shards, str) else list(shards)
     if not paths:
         raise IndexError_(f"no shards match {shards!r}")
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
     os.makedirs(out, exist_ok=True)
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(tqdm(pool.map(lambda p: _index_shard(p, label, strict, storage_options), paths),
-                            total=len(paths), desc="index", unit="shard", disable=not progress))
+        one = lambda p: _index_shard(p, label, strict, storage_options, fields)  # noqa: E731
+        results = list(tqdm(pool.map(one, paths), total=len(paths), desc="index", unit="shard",
+                            disable=not progress))
     rows, entries, idx_entries, problems, fetched, total = [], [], [], [], 0, 0
     idx_dir = os.path.join(out, "index")
     os.makedirs(idx_dir, exist_ok=True)
@@ -315,7 +340,9 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
             f.write(text)
         idx_entries.append({"path": f"index/{name}", "size": len(text),
                             "sha256": hashlib.sha256(text).hexdigest()})
-        rows += [(fi, smp.members[ext].offset, smp.members[ext].size, lab, ext) for smp, ext, lab in got]
+        rows += [(fi, smp.members[ext].offset, smp.members[ext].size, lab, ext,
+                  [(smp.members[f].offset, smp.members[f].size) for f in fields])
+                 for smp, ext, lab in got]
     if not rows:
         raise IndexError_(f"no sample could be indexed from {len(paths)} shard(s): "
                           + "; ".join(problems[:5]))
@@ -334,10 +361,13 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
               "classes": classes, "sample_shape": None, "channels": 3, "num_samples": n,
               "files": entries, "index_files": idx_entries, "member_name": "source",
               "params": {"indexed": True, "checksums": False, "label": label},
-              "created_by": "tools/shard.py index"}
+              "created_by": "tools/shard.py index", **({"fields": list(fields)} if fields else {})}
     columns = {"file": np.asarray([r[0] for r in rows]), "offset": np.asarray([r[1] for r in rows]),
                "length": np.asarray([r[2] for r in rows]), "label": lab,
                "key": np.arange(n), "crc32": np.zeros(n)}
+    for j, f in enumerate(fields):  # where each sample's field member lies (its image's shard)
+        at = np.asarray([r[5][j] for r in rows], dtype=np.int64).reshape(n, 2)
+        columns[field_column(f, "offset")], columns[field_column(f, "length")] = at[:, 0], at[:, 1]
     write_manifest(out, header, columns)
     return {"out": out, "num_samples": n, "num_shards": len(paths), "skipped": problems,
             "bytes_fetched": fetched, "shard_bytes": total}

@@ -11,7 +11,7 @@ import io
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -24,7 +24,8 @@ from .header import (HEADER_NAME, MANIFEST_VERSION, FileEntry, ManifestError, Ma
 from .storage import (connection_failure, fs_options, is_url, local_path, read_url,
                       unreachable)
 
-__all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "Dataset", "write_manifest",
+__all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "FieldColumns", "field_column",
+           "Dataset", "write_manifest",
            "open_dataset", "ManifestError", "ManifestHeader", "FileEntry", "read_header"]
 
 T = TypeVar("T")
@@ -39,6 +40,31 @@ COLUMNS = {
     "crc32": ("<u4", "crc32"),
 }
 OPTIONAL_COLUMNS = {"shape": ("<u2", "shapes")}     # (N,3) H,W,C; only when sizes differ
+# per recorded field (header "fields"): field.<name>.offset / field.<name>.length
+FIELD_PARTS = {"offset": "<u8", "length": "<u4"}
+
+
+def field_column(name: str, part: str) -> str:
+    """The column holding ``part`` ("offset" or "length") of field ``name``'s member."""
+    return f"field.{name}.{part}"
+
+
+def _column_dtype(name: str) -> str:
+    if name in COLUMNS or name in OPTIONAL_COLUMNS:
+        return (COLUMNS.get(name) or OPTIONAL_COLUMNS[name])[0]
+    head, _, part = name.rpartition(".")
+    if head.startswith("field.") and part in FIELD_PARTS:
+        return FIELD_PARTS[part]
+    raise ValueError(f"unknown manifest column {name!r}")
+
+
+@dataclass(frozen=True)
+class FieldColumns:
+    """Where one field's member lies for every sample: byte ``offset`` in the sample's
+    file (the image's) and ``length`` (numpy columns, len N)."""
+
+    offset: np.ndarray
+    length: np.ndarray
 
 
 def write_manifest(out: str | os.PathLike, header: ManifestHeader | Mapping[str, Any],
@@ -55,7 +81,7 @@ def write_manifest(out: str | os.PathLike, header: ManifestHeader | Mapping[str,
     n = header.num_samples
     spec = {}
     for name, arr in columns.items():
-        dtype = (COLUMNS.get(name) or OPTIONAL_COLUMNS[name])[0]
+        dtype = _column_dtype(name)
         arr = np.ascontiguousarray(arr, dtype=dtype)
         if len(arr) != n:
             raise ValueError(f"column {name} has {len(arr)} rows, expected {n}")
@@ -106,10 +132,13 @@ class Dataset:
     keys: np.ndarray            # position of the sample in the source's own order
     crc32: np.ndarray           # zlib.crc32 of the payload
     shapes: np.ndarray | None = None     # (N,3) H,W,C; only when sizes differ
+    field_columns: Mapping[str, FieldColumns] = field(default_factory=dict)  # header "fields"
 
     def __post_init__(self) -> None:
-        for name, (_, attr) in COLUMNS.items():
-            column = getattr(self, attr)
+        named = {name: getattr(self, attr) for name, (_, attr) in COLUMNS.items()}
+        for f, fc in self.field_columns.items():
+            named.update({field_column(f, "offset"): fc.offset, field_column(f, "length"): fc.length})
+        for name, column in named.items():
             if column is None or len(column) != self.num_samples:
                 raise ManifestError(f"{self.root}: column {name} is missing or does not have "
                                     f"{self.num_samples} rows")
@@ -134,16 +163,23 @@ class Dataset:
             bad = lo if lo < 0 else hi
             raise ManifestError(f"{where}: label {bad} is outside the {n_classes} classes "
                                 f"(0..{n_classes - 1})")
+        self._check_ends(self.offset, self.length, "")
+        for f, fc in self.field_columns.items():
+            self._check_ends(fc.offset, fc.length, f"'s .{f} member")
+
+    def _check_ends(self, offset: np.ndarray, length: np.ndarray, what: str) -> None:
+        """Refuse a range (the image's, or a field member's) that ends past its file."""
         sizes = self.file_sizes.astype(np.uint64)
         for a in range(0, self.num_samples, 1 << 22):      # bounded work memory at any N
             sl = slice(a, a + (1 << 22))
-            end = np.asarray(self.offset[sl], np.uint64) + np.asarray(self.length[sl], np.uint64)
+            end = np.asarray(offset[sl], np.uint64) + np.asarray(length[sl], np.uint64)
             over = np.flatnonzero(end > sizes[np.asarray(self.file[sl])])
             if over.size:
                 i = a + int(over[0])
                 fi = int(self.file[i])
-                raise ManifestError(f"{where}: sample {i} ends at byte {int(end[over[0]])}, past the "
-                                    f"end of {self.file_entries[fi].path} ({int(sizes[fi])} bytes)")
+                raise ManifestError(f"{header_path(self.root)}: sample {i}{what} ends at byte "
+                                    f"{int(end[over[0]])}, past the end of "
+                                    f"{self.file_entries[fi].path} ({int(sizes[fi])} bytes)")
 
     # Header values: "wds" or "zarr"; jpeg, png, npy, raw or mixed; channels a decoder
     # yields; rows (= len(ds)); the (H, W, C) all samples share, None if sizes differ.
@@ -153,6 +189,11 @@ class Dataset:
     num_samples = _FromHeader[int]()
     sample_shape = _FromHeader["tuple[int, int, int] | None"]()
     file_entries = _FromHeader["tuple[FileEntry, ...]"]("files")   # ``file`` indexes them
+
+    @property
+    def field_names(self) -> tuple[str, ...]:
+        """Extra members recorded per sample (``tools/shard.py index --fields``), in order."""
+        return tuple(self.field_columns)
 
     @property
     def fingerprint(self) -> str:
@@ -214,10 +255,20 @@ class Dataset:
 
     def read(self, i: int) -> bytes:
         """Payload bytes of sample ``i`` (one range read; debug/verify convenience)."""
+        return self._read_range(i, self.offset, self.length)
+
+    def read_field(self, name: str, i: int) -> bytes:
+        """The bytes of sample ``i``'s ``name`` member (a recorded field; one range read)."""
+        fc = self.field_columns.get(name)
+        if fc is None:
+            raise KeyError(f"{self.root}: no field {name!r} (recorded: {list(self.field_names)})")
+        return self._read_range(i, fc.offset, fc.length)
+
+    def _read_range(self, i: int, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range 0..{self.num_samples - 1}")
+        off, n = int(offsets[i]), int(lengths[i])
         path = self.files[int(self.file[i])]
-        off, n = int(self.offset[i]), int(self.length[i])
         if is_url(path):
             data = self._fs.cat_file(path, start=off, end=off + n)
         else:
@@ -291,4 +342,7 @@ def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
     columns = {attr: _load_column(root, name, remote) for name, (_, attr) in COLUMNS.items()}
     for name in set(manifest.columns or {}) & set(OPTIONAL_COLUMNS):
         columns[OPTIONAL_COLUMNS[name][1]] = _load_column(root, name, remote, optional=True)
+    columns["field_columns"] = {
+        f: FieldColumns(*(_load_column(root, field_column(f, part), remote) for part in FIELD_PARTS))
+        for f in manifest.fields or ()}
     return Dataset(root=root, header=header, manifest=manifest, **columns)

@@ -261,8 +261,19 @@ class WdsFormat(Format):
             raise VerifyError(f"shard {path}: no tar header before sample {i}: {e}") from e
         if ds.manifest.member_name == "source":  # indexed in place: the source's own names
             from .index import IMAGE_EXTS, split_key
-            if split_key(name)[1] not in IMAGE_EXTS:
+            key, ext = split_key(name)
+            if ext not in IMAGE_EXTS:
                 raise VerifyError(f"shard {path}: member {name} at offset {offset} is not an image")
+            for field, fc in ds.field_columns.items():  # --fields: the same sample's member
+                at = int(fc.offset[i])
+                try:
+                    member = wds_mod.header_name_at(view, at)
+                except Exception as e:  # noqa: BLE001 - as above
+                    raise VerifyError(f"shard {path}: no tar header before field .{field} of "
+                                      f"sample {i} (offset {at}): {e}") from e
+                if split_key(member) != (key, field):
+                    raise VerifyError(f"shard {path}: field .{field} of sample {i} ({name}) points "
+                                      f"at member {member} (offset {at})")
             return
         if wds_mod.id_of_member(name) != i:
             raise VerifyError(f"shard {path}: member {name} at offset {offset} is not sample {i}")

@@ -18,11 +18,14 @@ import numpy as np
 from ..formats.storage import is_url
 
 __all__ = ["ReadCounters", "COUNTERS_DTYPE", "merge_ranges", "default_merge_gap",
-           "MAX_MERGED_BYTES"]
+           "MAX_MERGED_BYTES", "MEMBER_GAP"]
 
 LOCAL_MERGE_GAP = 0
 REMOTE_MERGE_GAP = "neighbors"
 MAX_MERGED_BYTES = 8 << 20  # never build a single request larger than this
+# members of one sample closer than this share a request (a PAX-headed member costs 1.5 KB
+# of framing; a few small unrequested members fit too)
+MEMBER_GAP = 16 << 10
 
 # one row per batch in a published table's counters file (see read/table.py)
 COUNTERS_DTYPE = np.dtype([("samples", "<i8"), ("bytes", "<i8"), ("payload", "<i8"),
@@ -82,9 +85,12 @@ class ReadCounters:
 
 def merge_ranges(file: np.ndarray, start: np.ndarray, end: np.ndarray,
                  gap: int | str = 0, rank: np.ndarray | None = None,
-                 max_bytes: int = MAX_MERGED_BYTES):
+                 max_bytes: int = MAX_MERGED_BYTES, owner: np.ndarray | None = None,
+                 member_gap: int = MEMBER_GAP):
     """Group ranges into requests.
 
+    ``owner`` (optional): the sample each range belongs to; two ranges of one sample also
+    merge when at most ``member_gap`` bytes lie between them (see the module docstring).
     Returns ``(order, group, g_file, g_start, g_end)``: ``order`` sorts the inputs by
     (file, start); ``group[k]`` is the request of the k-th sorted range; ``g_*`` are the
     requests.  With ``gap="neighbors"``, ``rank`` (each range's position in the dataset's
@@ -109,6 +115,9 @@ def merge_ranges(file: np.ndarray, start: np.ndarray, end: np.ndarray,
             close = (r[1:] - r[:-1]) == 1
         else:
             close = (s[1:] - e[:-1]) <= int(gap)
+        if owner is not None:
+            o = np.asarray(owner, dtype=np.int64)[order]
+            close |= (o[1:] == o[:-1]) & ((s[1:] - e[:-1]) <= int(member_gap))
         close &= s[1:] >= e[:-1]  # overlapping or duplicated ranges stay separate requests
         new[1:] = ~(same_file & close)
     group = np.cumsum(new) - 1

@@ -148,10 +148,13 @@ class RangeReader:
 
     # -- reading ------------------------------------------------------------------
     def read(self, file: np.ndarray, offset: np.ndarray, length: np.ndarray,
-             ids: np.ndarray | None = None) -> list[memoryview]:
+             ids: np.ndarray | None = None, samples: int | None = None) -> list[memoryview]:
         """Read ranges; returns one buffer per range, in the order given.
 
-        ``ids`` (sample ids) are needed only for ``merge_gap="neighbors"``.
+        ``ids`` (the sample of each range) are needed for ``merge_gap="neighbors"``; ranges
+        of one sample close together share a request (``ranges.MEMBER_GAP``).  ``samples``:
+        how many samples the ranges hold, for the counters (default: one per range; a
+        sample read with its extra members has several).
         """
         self._ensure_process()
         t0 = time.perf_counter()
@@ -162,7 +165,9 @@ class RangeReader:
         rank = None
         if self.merge_gap == "neighbors":
             rank = np.asarray(self.rank)[np.asarray(ids, dtype=np.int64)]
-        order, group, g_file, g_start, g_end = merge_ranges(file, offset, end, self.merge_gap, rank)
+        owner = None if ids is None else np.asarray(ids, dtype=np.int64)
+        order, group, g_file, g_start, g_end = merge_ranges(file, offset, end, self.merge_gap, rank,
+                                                            owner=owner)
         for i in np.unique(g_file):
             self.check(int(i))
         if self.remote:
@@ -197,7 +202,7 @@ class RangeReader:
                 raise ShardError(f"short read from {self.files[int(g_file[g])]} at "
                                  f"{int(starts_sorted[k])}: got {len(blob) - a} of {b - a} bytes")
             out[order[k]] = memoryview(blob)[a:b]
-        self.counters.add(len(file), int(length.sum()), int((g_end - g_start).sum()), len(g_file),
+        self.counters.add(len(file) if samples is None else samples, int(length.sum()), int((g_end - g_start).sum()), len(g_file),
                           time.perf_counter() - t0)
         return out
 

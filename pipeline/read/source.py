@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import os
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
@@ -50,10 +50,14 @@ def meta_from_array(a: np.ndarray) -> np.ndarray:
 class SourceBatch:
     """One batch as read: ``payload`` is a list of per-row uint8 arrays (encoded bytes, or
     HWC pixels for raw/npy), or one uint8 ``[B, packed_len]`` array whose rows are each a
-    sample's bytes followed by zeros; ``meta`` is ``META_DTYPE [B]``."""
+    sample's bytes followed by zeros; ``meta`` is ``META_DTYPE [B]``; ``fields`` the
+    requested extra members of each row's sample (a padding row: its fill sample's)."""
 
     payload: list | np.ndarray
     meta: np.ndarray
+    # requested extra members: name -> one ``bytes`` per row (b"" where the row carries
+    # no sample: the filler, a known-bad or corrupt sample)
+    fields: dict[str, list[bytes]] = field(default_factory=dict)
 
 
 def make_filler(codec: str, sample_shape, channels: int) -> np.ndarray:
@@ -120,8 +124,9 @@ class PlannedSource:
     """``(table, batch index)`` -> :class:`SourceBatch` for one dataset (see module doc)."""
 
     def __init__(self, ds, reader: RangeReader, bad: BadSamples, filler: np.ndarray,
-                 verify_crc: bool = True):
+                 verify_crc: bool = True, fields: tuple[str, ...] = ()):
         self.reader, self.bad, self.filler = reader, bad, filler
+        self.fields = tuple(fields)  # extra members read with each sample (docs/formats.md)
         self.codec = ds.codec
         self.sample_shape = tuple(ds.sample_shape) if ds.sample_shape else None
         self.verify_crc = verify_crc
@@ -129,6 +134,15 @@ class PlannedSource:
         self._refs = {"file": _column_ref(ds.file), "offset": _column_ref(ds.offset),
                       "length": _column_ref(ds.length), "label": _column_ref(ds.labels),
                       "crc32": _column_ref(ds.crc32)}
+        absent = [f for f in self.fields if f not in ds.field_columns]
+        if absent:
+            raise ValueError(f"{ds.root}: field {absent[0]!r} is not recorded in the manifest "
+                             f"(recorded: {list(ds.field_columns)}); index the shards with "
+                             f"tools/shard.py index --fields {','.join(self.fields)}")
+        for f in self.fields:
+            fc = ds.field_columns[f]
+            self._refs.update({f"{f}.offset": _column_ref(fc.offset),
+                               f"{f}.length": _column_ref(fc.length)})
         self._cols: dict | None = None
         self._tables: dict[str, EpochTable] = {}
 
@@ -186,19 +200,30 @@ class PlannedSource:
         before = self.reader.counters.copy()
         lengths = np.asarray(cols["length"][sel])
         crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
-        if packed_len:
+        extra: list[list] = []
+        if self.fields:  # each sample's members in one request where they are adjacent
+            rows, extra = self._read_with_fields(cols, sel)
+            payload = np.zeros((b, packed_len), dtype=np.uint8) if packed_len else [self.filler] * b
+            if packed_len:
+                for j, buf in zip(want.tolist(), rows):
+                    payload[j, :len(buf)] = np.frombuffer(buf, dtype=np.uint8)
+        elif packed_len:
             payload = np.zeros((b, packed_len), dtype=np.uint8)
             self.reader.read_into(cols["file"][sel], cols["offset"][sel], lengths, payload, want, sel)
-            rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
         else:
             rows = self.reader.read(cols["file"][sel], cols["offset"][sel], lengths, sel)
             payload = [self.filler] * b
+        if packed_len:
+            rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
+        fields = {f: [b""] * b for f in self.fields}
         for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
             if crc is not None and zlib.crc32(buf) != crc[k]:
                 if valid[j]:  # reported and masked by the main process
                     meta["flag"][j] = Flag.CORRUPT
                 continue  # a bad fill sample: the row keeps the filler (reported where planned)
             got[j] = True
+            for f, bufs in zip(self.fields, extra):
+                fields[f][j] = bytes(bufs[k])
             if not packed_len:
                 payload[j] = self._payload_array(buf)
         if packed_len:
@@ -209,7 +234,18 @@ class PlannedSource:
         table.record(i, self.reader.counters - before)
         meta["length"] = len(self.filler)
         meta["length"][got] = np.asarray(cols["length"][src[got]])
-        return SourceBatch(payload, meta)
+        return SourceBatch(payload, meta, fields)
+
+    def _read_with_fields(self, cols: dict, sel: np.ndarray) -> tuple[list, list[list]]:
+        """The images of samples ``sel`` and each requested field's members, read together:
+        the ranges of one sample share its id, so the reader merges adjacent members into
+        one request (``read.ranges.MEMBER_GAP``); counted as ``len(sel)`` samples."""
+        k, parts = len(sel), ("",) + tuple(f"{f}." for f in self.fields)
+        bufs = self.reader.read(np.tile(np.asarray(cols["file"][sel]), len(parts)),
+                                np.concatenate([np.asarray(cols[p + "offset"][sel]) for p in parts]),
+                                np.concatenate([np.asarray(cols[p + "length"][sel]) for p in parts]),
+                                np.tile(sel, len(parts)), samples=k)
+        return bufs[:k], [bufs[k * j:k * (j + 1)] for j in range(1, len(parts))]
 
     def read_samples(self, ids: np.ndarray) -> tuple[list[bytes], float]:
         """Payloads of ``ids`` read afresh, one request each (finding what killed a decoder),
