@@ -123,7 +123,7 @@ def test_members_of_one_sample_share_a_request():
         not torch.cuda.is_available(), reason="needs a CUDA GPU (DALI mixed decode)")])])
 def test_loader_delivers_fields_of_planned_samples_only(indexed, ref, backend, device):
     ds = pipeline.open_dataset(indexed)
-    opts = LoaderOptions.of(image_size=32, fields=KINDS, policy_kwargs={"warmup": 0, "budget": "epoch"})
+    opts = LoaderOptions.of(image_size=32, fields=KINDS, policy_kwargs={"mixup": 1.0})
     L = pipeline.Loader(ds, 32, keep=0.7, policy="swdpp", epochs=4, backend=backend, device=device,
                         augment="imagenet", mixup=True, num_workers=1, options=opts)
     bp, mixed, seen = L.batch_plan(0), 0, []
