@@ -9,6 +9,8 @@ backend).  Used where DALI is not installed, and as the benchmark baseline.
 """
 from __future__ import annotations
 
+import functools
+import os
 import time
 import warnings
 from typing import Iterator
@@ -19,8 +21,10 @@ import torch
 from ..read.ranges import ReadCounters
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
 from ..read.table import TableHeader
-from .augment import AugmentParams, AugmentSpec, sample_params
+from .augment import AugmentParams, AugmentSpec, rrc_pixels, sample_params
 from .backend import Backend, RawBatch
+from .procs import (die_with_parent_default, ignore_stop_signals, init_reader_process,
+                    reader_processes)
 
 __all__ = ["TorchBackend", "transform", "decode"]
 
@@ -44,11 +48,10 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     if spec.mode == "pad_crop":
         img = _crop_pad(img, int(y0), int(x0), int(ph), int(pw))
     elif spec.mode == "rrc":
-        _, hh, ww = img.shape
-        top, left = int(round(y0 * hh)), int(round(x0 * ww))
-        h = max(1, min(hh - top, int(round(ph * hh))))
-        w = max(1, min(ww - left, int(round(pw * ww))))
-        img = F.resized_crop(img, top, left, h, w, list(spec.out_size), antialias=True)
+        (top, left), (h, w) = rrc_pixels(p.anchor[j], p.shape[j],
+                                         np.asarray(img.shape[1:], dtype=np.float32))
+        img = F.resized_crop(img, int(top), int(left), int(h), int(w), list(spec.out_size),
+                             antialias=True)
     elif spec.mode == "resize_center":
         img = F.resize(img, [spec.resize_shorter], antialias=True)
         if spec.out_size:
@@ -72,7 +75,11 @@ def decode(payload: np.ndarray, codec: str, channels: int) -> torch.Tensor:
     return fn(data, mode=mode)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent: tuple[int, bool]) -> None:
+    # ignore SIGTERM/SIGINT (torch's worker handler dies on them, and the main process's
+    # SIGCHLD handler then raises wherever it is) and die with the main process (procs.py)
+    init_reader_process(*parent)
+    ignore_stop_signals()  # torch set its own SIGTERM handler after the fork
     # one intra-op thread per worker: the workers are the parallelism (oversubscribed
     # intra-op threads make per-image ops far slower on few cores)
     torch.set_num_threads(1)
@@ -129,8 +136,11 @@ class TorchBackend(Backend):
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
-            persistent_workers=False, pin_memory=False, worker_init_fn=_worker_init)
-        self._it = iter(dl)
+            persistent_workers=False, pin_memory=False,
+            worker_init_fn=functools.partial(_worker_init,
+                                             parent=(os.getpid(), die_with_parent_default())))
+        with reader_processes():  # the workers are forked here
+            self._it = iter(dl)
         for j, (images, meta, decode_ns) in enumerate(self._it):
             self._delivered = j + 1
             yield RawBatch(images, meta_from_array(meta.numpy()), table.reads(j, j + 1),

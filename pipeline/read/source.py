@@ -17,6 +17,7 @@ from enum import IntEnum
 import numpy as np
 
 from .reader import RangeReader
+from .sniff import looks_decodable
 from .table import EpochTable
 
 __all__ = ["Flag", "META_DTYPE", "SourceBatch", "PlannedSource", "BadSamples", "make_filler",
@@ -194,7 +195,7 @@ class PlannedSource:
             rows = self.reader.read(cols["file"][sel], cols["offset"][sel], lengths, sel)
             payload = [self.filler] * b
         for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
-            if crc is not None and zlib.crc32(buf) != crc[k]:
+            if self._damaged(buf, None if crc is None else crc[k]):
                 if valid[j]:  # reported and masked by the main process
                     meta["flag"][j] = Flag.CORRUPT
                 continue  # a bad fill sample: the row keeps the filler (reported where planned)
@@ -222,6 +223,20 @@ class PlannedSource:
             return [bytes(b) for b in bufs], probe.counters.seconds
         finally:
             probe.close()
+
+    def _damaged(self, buf, crc: int | None) -> bool:
+        """True when a payload must not reach a decoder: its CRC32 differs from the
+        manifest's, or, with no checksum to verify, it fails the cheap look of
+        read/sniff.py (encoded images) or does not parse as the declared pixels."""
+        if crc is not None:
+            return zlib.crc32(buf) != crc
+        if self.codec not in ("raw", "npy"):
+            return not looks_decodable(buf)
+        try:
+            self._payload_array(buf)
+            return False
+        except (ValueError, EOFError, OSError):
+            return True
 
     def _payload_array(self, buf) -> np.ndarray:
         if self.codec == "raw":
