@@ -1,6 +1,6 @@
 """Run two epochs of a Loader in a process of its own and print what they delivered, as JSON.
 
-Used by tests/test_faults_runtime.py for payloads that could crash a decoder: a crash (a
+Used by tests/test_faults_decode.py for payloads that could crash a decoder: a crash (a
 segmentation fault) then fails that test with its exit code instead of killing pytest.
 
     python tests/_fault_decode_worker.py DATA BACKEND NUM_WORKERS VERIFY_CRC AUGMENT

@@ -21,7 +21,7 @@ import pytest
 import pipeline
 from pipeline.formats import convert
 from pipeline.loader import CorruptSampleError
-from pipeline.read.sniff import looks_decodable, plausible_image
+from pipeline.read.sniff import looks_decodable, plausible_image, plausible_structure
 
 REPO = Path(__file__).resolve().parents[1]
 BACKENDS = ["dali", "torch"]
@@ -173,19 +173,39 @@ def test_png_with_a_damaged_deflate_stream_is_caught_before_decoding(fmnist_wds,
     _check_epochs(_run_worker(tmp_path / "d", backend, 2, False, "none"), len(ds), bad)
 
 
-@pytest.mark.parametrize("workers", [0, 1, 2])
-def test_dali_recovery_path_masks_the_culprit_and_finishes_the_epoch(fmnist_wds, tmp_path, workers):
-    """A payload stored corrupt with a matching checksum reaches DALI's decoder, which
-    fails the pipeline: the backend finds the culprit with PIL, masks it, rebuilds the
-    pipeline (a new table generation) and delivers the planned batches (issue: "backend
-    delivered ids [1000, ...], planned [176, ...]")."""
+@pytest.mark.parametrize("backend, workers", [("dali", 0), ("dali", 1), ("dali", 2), ("torch", 0),
+                                              ("torch", 2)])
+def test_recovery_path_masks_the_culprit_and_finishes_the_epoch(fmnist_wds, tmp_path, backend,
+                                                                workers):
+    """A PNG stored corrupt with a matching checksum reaches the decoder.  DALI's fails the
+    pipeline: the backend finds the culprit with PIL, masks it, rebuilds the pipeline (a
+    new table generation) and delivers the planned batches (issue: "backend delivered ids
+    [1000, ...], planned [176, ...]").  torchvision's would crash the process (SIGSEGV
+    after a libpng error): the torch backend gives a PNG that fails the structural check
+    to PIL, which raises, and flags it."""
     bad = [5, 600, 1300]
     ds = _damaged_copy(fmnist_wds, tmp_path / "d", {i: _png_idat_damage for i in bad},
                        update_crc=True)
-    res = _run_worker(tmp_path / "d", "dali", workers, True, "cifar")
+    res = _run_worker(tmp_path / "d", backend, workers, True, "cifar")
     _check_epochs(res, len(ds), bad)
-    assert any("masked undecodable samples" in w for w in res["epochs"][0]["warnings"])
+    warned = " ".join(res["epochs"][0]["warnings"])
+    assert ("masked undecodable samples" in warned) == (backend == "dali")
+    assert all(f"corrupt sample {i} " in warned for i in bad if backend == "torch")
     assert res["epochs"][1]["warnings"] == [], "known bad: skipped unread, no second report"
+
+
+@pytest.mark.parametrize("backend, workers", [("dali", 0), ("dali", 2), ("torch", 0)])
+def test_damaged_jpegs_with_matching_checksums_are_skipped(cifar_wds, tmp_path, backend, workers):
+    """Bytes with no image signature (zeros, random) and JPEGs with a broken marker chain
+    crash DALI's CPU decoder (SIGSEGV) even when their checksum matches (stored damaged):
+    the reader's structural check (sniff.plausible_structure) stops them first."""
+    bad = [3, 700, 1200, 1800]
+    damage = {i: (lambda b, k=k, i=i: _jpeg_damage(b, k, i)) for i, k in zip(bad, JPEG_KINDS)}
+    ds = _damaged_copy(cifar_wds, tmp_path / "d", damage, update_crc=True)
+    res = _run_worker(tmp_path / "d", backend, workers, True, "cifar")
+    _check_epochs(res, len(ds), bad)
+    warned = res["epochs"][0]["warnings"]
+    assert len(warned) == 4 and not any("DALI pipeline failed" in w for w in warned), warned
 
 
 def test_cheap_checks_pass_real_images_and_refuse_damage(cifar_wds):
@@ -206,6 +226,8 @@ def test_cheap_checks_pass_real_images_and_refuse_damage(cifar_wds):
     for kind in JPEG_KINDS:
         assert not looks_decodable(_jpeg_damage(good[1], kind, 1)), kind
     assert not looks_decodable(good[2][: len(good[2]) // 2]), "cut short"
+    assert all(plausible_structure(b) for b in good[:200])
+    assert [plausible_structure(_jpeg_damage(good[1], k, 1)) for k in JPEG_KINDS] == [False] * 4
 
 
 # ============================================================ weak spot: a shard of zeros

@@ -10,6 +10,7 @@ backend).  Used where DALI is not installed, and as the benchmark baseline.
 from __future__ import annotations
 
 import functools
+import io
 import os
 import time
 import warnings
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..read.ranges import ReadCounters
+from ..read.sniff import plausible_image
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
 from ..read.table import TableHeader
 from .augment import AugmentParams, AugmentSpec, rrc_pixels, sample_params
@@ -27,6 +29,8 @@ from .procs import (die_with_parent_default, ignore_stop_signals, init_reader_pr
                     reader_processes)
 
 __all__ = ["TorchBackend", "transform", "decode"]
+
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
 def _crop_pad(img: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
@@ -63,10 +67,26 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     return (img.float() - mean) / std
 
 
-def decode(payload: np.ndarray, codec: str, channels: int) -> torch.Tensor:
-    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor."""
+def _decode_pil(payload: np.ndarray, channels: int) -> torch.Tensor:
+    """PIL's decode (raises on damage instead of crashing) -> CHW uint8 tensor."""
+    from PIL import Image
+    with Image.open(io.BytesIO(payload.tobytes())) as im:
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(a.reshape(*a.shape[:2], channels).copy()).permute(2, 0, 1)
+
+
+def decode(payload: np.ndarray, codec: str, channels: int, checked: bool = False) -> torch.Tensor:
+    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor.  Raises on bytes that
+    do not decode.
+
+    torchvision's PNG decoder crashes the process (SIGSEGV after a libpng error) on a
+    damaged deflate stream, which a checksum written after the damage does not catch.  So
+    a PNG that fails the structural check of read/sniff.py goes to PIL instead, which
+    raises; ``checked``: the reader already ran that check (no checksum to verify)."""
     if codec in ("raw", "npy") or payload.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
+    if not checked and payload[:8].tobytes() == _PNG_SIG and not plausible_image(payload):
+        return _decode_pil(payload, channels)
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     data = torch.from_numpy(np.array(payload, copy=True))
@@ -101,14 +121,16 @@ class _BatchDataset(torch.utils.data.Dataset):
         params = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank, h.first_step + i)
         t0 = time.perf_counter()
         codec, ch = self.source.codec, self.channels
+        checked = not self.source.verify_crc  # the reader sniffed every payload
         imgs = []
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders (in favour of torchcodec) on every call
             warnings.simplefilter("ignore", DeprecationWarning)
             for j, buf in enumerate(sb.payload):
                 try:
-                    imgs.append(transform(decode(buf, codec, ch), params, j, self.spec))
-                except RuntimeError:  # undecodable bytes: the filler, flagged corrupt
+                    imgs.append(transform(decode(buf, codec, ch, checked), params, j,
+                                          self.spec))
+                except (RuntimeError, OSError, ValueError):  # undecodable: the filler, flagged corrupt
                     sb.meta["flag"][j] = Flag.CORRUPT
                     imgs.append(transform(decode(self.source.filler, codec, ch), params, j,
                                           self.spec))

@@ -30,7 +30,7 @@ import io
 import operator
 import zlib
 
-__all__ = ["looks_decodable", "plausible_image", "pil_decodable"]
+__all__ = ["looks_decodable", "plausible_image", "plausible_structure", "pil_decodable"]
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 # the frame types libjpeg-turbo decodes: baseline, extended, progressive (Huffman or
@@ -116,7 +116,9 @@ def _scan(b: bytes, i: int, seg: int, comps: dict, sof: int, defined: set) -> bo
     return ss == 0 and se == 63 and a == 0
 
 
-def _jpeg(b: bytes) -> bool:
+def _jpeg(b: bytes, deep: bool = True) -> bool:
+    """The JPEG check; ``deep=False``: the marker chain, segment lengths, a frame before
+    the scan and EOI only (no table, frame or scan contents)."""
     n, i, comps, sof, defined = len(b), 2, None, 0, set()
     while i + 4 <= n:
         if b[i] != 0xFF:
@@ -134,14 +136,14 @@ def _jpeg(b: bytes) -> bool:
         if seg < 2 or i + 2 + seg > n:
             return False
         if m in (0xDB, 0xC4):
-            if not _tables(b, i + 4, i + 2 + seg, m, defined):
+            if deep and not _tables(b, i + 4, i + 2 + seg, m, defined):
                 return False
         elif m in _SOF:
-            comps, sof = _frame(b, i, seg), m
+            comps, sof = (_frame(b, i, seg) if deep else {}), m
             if comps is None:
                 return False
         elif m == 0xDA:                    # SOS: the entropy-coded data follows
-            if comps is None or not _scan(b, i, seg, comps, sof, defined):
+            if comps is None or (deep and not _scan(b, i, seg, comps, sof, defined)):
                 return False
             end = i + 2 + seg
             return b.endswith(b"\xff\xd9") or b.rfind(b"\xff\xd9", end) >= 0
@@ -216,6 +218,20 @@ def plausible_image(data) -> bool:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return True
     return head.startswith(_OTHER_SIGNATURES)
+
+
+def plausible_structure(data) -> bool:
+    """The check for payloads whose checksum passed (bytes stored damaged, before checks
+    existed): a known image signature, and for JPEG the marker chain (a few byte reads per
+    segment): DALI's CPU decoder crashes (SIGSEGV, which nothing can catch) on bytes with
+    no signature and on a JPEG with a broken marker chain.  Deeper damage is left to the
+    decoders, which raise (the DALI backend's recovery finds the sample)."""
+    b = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+    if b.startswith(b"\xff\xd8"):
+        return _jpeg(b, deep=False)
+    head = b[:12]  # bytes with no image signature at all (zeros, say) crash DALI too
+    return (head.startswith(_PNG_SIG) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+            or head.startswith(_OTHER_SIGNATURES))
 
 
 def pil_decodable(data) -> bool:

@@ -17,7 +17,7 @@ from enum import IntEnum
 import numpy as np
 
 from .reader import RangeReader
-from .sniff import looks_decodable
+from .sniff import looks_decodable, pil_decodable, plausible_structure
 from .table import EpochTable
 
 __all__ = ["Flag", "META_DTYPE", "SourceBatch", "PlannedSource", "BadSamples", "make_filler",
@@ -226,10 +226,15 @@ class PlannedSource:
 
     def _damaged(self, buf, crc: int | None) -> bool:
         """True when a payload must not reach a decoder: its CRC32 differs from the
-        manifest's, or, with no checksum to verify, it fails the cheap look of
-        read/sniff.py (encoded images) or does not parse as the declared pixels."""
+        manifest's (or it matches, but a JPEG's marker chain is broken: bytes stored
+        damaged, which would crash DALI's decoder), or, with no checksum to verify, it fails
+        the cheap look of read/sniff.py (encoded images) or does not parse as the declared
+        pixels.  What fails a structural check gets PIL's second opinion."""
         if crc is not None:
-            return zlib.crc32(buf) != crc
+            if zlib.crc32(buf) != crc:
+                return True
+            return (self.codec not in ("raw", "npy") and not plausible_structure(buf)
+                    and not pil_decodable(buf))
         if self.codec not in ("raw", "npy"):
             return not looks_decodable(buf)
         try:
