@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..read.ranges import ReadCounters
-from ..read.sniff import plausible_image
+from ..read.sniff import PNG_SIGNATURE, plausible_image
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
 from ..read.table import TableHeader
 from .augment import AugmentParams, AugmentSpec, rrc_pixels, sample_params
@@ -29,8 +29,6 @@ from .procs import (die_with_parent_default, ignore_stop_signals, init_reader_pr
                     reader_processes)
 
 __all__ = ["TorchBackend", "transform", "decode"]
-
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
 def _crop_pad(img: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tensor:
@@ -85,7 +83,7 @@ def decode(payload: np.ndarray, codec: str, channels: int, checked: bool = False
     raises; ``checked``: the reader already ran that check (no checksum to verify)."""
     if codec in ("raw", "npy") or payload.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
-    if not checked and payload[:8].tobytes() == _PNG_SIG and not plausible_image(payload):
+    if not checked and payload[:8].tobytes() == PNG_SIGNATURE and not plausible_image(payload):
         return _decode_pil(payload, channels)
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB

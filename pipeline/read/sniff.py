@@ -30,9 +30,10 @@ import io
 import operator
 import zlib
 
-__all__ = ["looks_decodable", "plausible_image", "plausible_structure", "pil_decodable"]
+__all__ = ["looks_decodable", "plausible_image", "plausible_structure", "pil_decodable",
+           "PNG_SIGNATURE"]
 
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # the frame types libjpeg-turbo decodes: baseline, extended, progressive (Huffman or
 # arithmetic); lossless and hierarchical frames go to PIL for a second opinion
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC9, 0xCA))
@@ -205,19 +206,23 @@ def _png(b: bytes) -> bool:
     return b[28] == 1 or max(raw[::expect // h]) <= 4  # filter types 0..4 (non-interlaced)
 
 
+def _check(data, deep: bool) -> bool:
+    b = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
+    if b.startswith(b"\xff\xd8"):
+        return _jpeg(b, deep)
+    head = b[:12]
+    if head.startswith(PNG_SIGNATURE):
+        return _png(b) if deep else True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head.startswith(_OTHER_SIGNATURES)
+
+
 def plausible_image(data) -> bool:
     """The cheap structural check alone (see the module doc): True when ``data`` (bytes or
     a uint8 array) looks like a whole JPEG or PNG, or starts with another known image
     signature."""
-    b = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-    if b.startswith(b"\xff\xd8"):
-        return _jpeg(b)
-    head = b[:12]
-    if head.startswith(_PNG_SIG):
-        return _png(b)
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return head.startswith(_OTHER_SIGNATURES)
+    return _check(data, deep=True)
 
 
 def plausible_structure(data) -> bool:
@@ -226,12 +231,7 @@ def plausible_structure(data) -> bool:
     segment): DALI's CPU decoder crashes (SIGSEGV, which nothing can catch) on bytes with
     no signature and on a JPEG with a broken marker chain.  Deeper damage is left to the
     decoders, which raise (the DALI backend's recovery finds the sample)."""
-    b = data if isinstance(data, bytes) else memoryview(data).cast("B").tobytes()
-    if b.startswith(b"\xff\xd8"):
-        return _jpeg(b, deep=False)
-    head = b[:12]  # bytes with no image signature at all (zeros, say) crash DALI too
-    return (head.startswith(_PNG_SIG) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
-            or head.startswith(_OTHER_SIGNATURES))
+    return _check(data, deep=False)
 
 
 def pil_decodable(data) -> bool:
