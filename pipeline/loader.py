@@ -38,6 +38,7 @@ from .plan.elastic import combine_states
 from .plan.planner import EpochPlanner, eval_plan, num_steps, remaining_plan
 from .plan.policies import get_policy
 from .plan.scores import Scores
+from .read.corrupt import CorruptReport, CorruptSampleError
 from .read.reader import RangeReader
 from .read.remote import RetryPolicy
 from .read.source import BadSamples, Flag, PlannedSource, make_filler
@@ -47,10 +48,6 @@ from .stats import EpochStats
 __all__ = ["Loader", "CorruptSampleError"]
 
 STATE_VERSION = 2  # 2: "layout" (an epoch's earlier parts and their world sizes)
-
-
-class CorruptSampleError(RuntimeError):
-    """A sample's bytes fail their checksum or cannot be decoded (``on_corrupt="raise"``)."""
 
 
 class Loader:
@@ -134,7 +131,8 @@ class Loader:
         self._layout: tuple[int, tuple[tuple[int, int], ...]] = (-1, ())
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._stats: dict[int, EpochStats] = {}
-        self._warned: set[int] = set()
+        self._report = CorruptReport(ds, opt.read.on_corrupt is OnCorrupt.RAISE,
+                                     opt.read.max_corrupt_fraction)
         self._nonfinite_warned: set[int] = set()   # epochs whose all-NaN batch was reported
         self._last_batch: Batch | None = None
         # the backend starts its reader processes now, before anything touches CUDA
@@ -297,19 +295,13 @@ class Loader:
                      fields=fields)
 
     def _corrupt(self, bad_ids: np.ndarray, st: EpochStats, why: dict[int, str] | None = None) -> None:
-        for i in bad_ids.tolist():
-            f = self.ds.files[int(self.ds.file[i])]
-            reason = (why or {}).get(i, "checksum mismatch or undecodable")
-            msg = (f"corrupt sample {i} ({f} @ {int(self.ds.offset[i])}, "
-                   f"{int(self.ds.length[i])} bytes): {reason}")
-            if self.options.read.on_corrupt is OnCorrupt.RAISE:
-                raise CorruptSampleError(msg)
-            if i not in self._warned:
-                warnings.warn(msg + "; skipped", RuntimeWarning, stacklevel=3)
-                self._warned.add(i)
+        """Count and mask corrupt samples; warn once per shard, stop past
+        ``max_corrupt_fraction`` (read/corrupt.py)."""
+        self._report.check_raise(bad_ids, why)
         self.bad.mark(bad_ids)  # later epochs skip them without reading their bytes
         st.samples_corrupt += len(bad_ids)
         st.corrupt_ids.extend(int(i) for i in bad_ids)
+        self._report.report(bad_ids, st.epoch, st.corrupt_ids, st.samples_planned, why)
 
     # -- scores, stats, state --------------------------------------------------------------
     def update(self, ids, losses, weights=None) -> None:

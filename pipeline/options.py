@@ -20,7 +20,7 @@ __all__ = ["OnCorrupt", "FieldKind", "PlanOptions", "ReadOptions", "DecodeOption
 class OnCorrupt(str, Enum):
     """What a sample whose bytes fail their checksum or decoding does to the run."""
 
-    SKIP = "skip"    # warn once, count, deliver as padding (weight 0), never read it again
+    SKIP = "skip"    # warn once per shard, count, deliver as padding (weight 0), never read it again
     RAISE = "raise"  # stop with CorruptSampleError naming the sample and its file
 
 
@@ -73,7 +73,9 @@ class ReadOptions:
     storage options, O_DIRECT, the corrupt-sample rule and the work directory.
 
     ``request_timeout`` (seconds without a byte from the server) and ``retries`` (with
-    backoff) bound how long an http(s) read may fail before it raises (read/remote.py).
+    backoff) bound how long an http(s) read may fail before it raises (read/remote.py);
+    ``max_corrupt_fraction`` of an epoch's planned samples corrupt stops the run
+    (read/corrupt.py).
 
     ``fields``: extra members recorded in the manifest (``shard.py index --fields``) to
     deliver as ``Batch.fields``: names (as bytes) or ``{name: "bytes" | "str" | "json"}``;
@@ -89,10 +91,17 @@ class ReadOptions:
     request_timeout: float = 10.0
     retries: int = 3
     fields: Mapping[str, FieldKind] | tuple[str, ...] | None = None
+    # stop the run when more than this fraction of an epoch's planned samples is corrupt
+    # (a damaged or replaced shard, not a stray bad file); None = never stop
+    max_corrupt_fraction: float | None = 0.01
 
     def __post_init__(self):
         object.__setattr__(self, "on_corrupt", _enum(OnCorrupt, self.on_corrupt, "on_corrupt"))
         object.__setattr__(self, "fields", _field_kinds(self.fields))
+        f = self.max_corrupt_fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                              or not 0 <= float(f) <= 1):
+            raise ValueError(f"max_corrupt_fraction must be in [0, 1] or None, not {f!r}")
         if not float(self.request_timeout) > 0:
             raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout!r}")
         if isinstance(self.retries, bool) or int(self.retries) != self.retries or self.retries < 0:

@@ -10,7 +10,9 @@ The backends only *apply* the parameters (DALI: ``fn.slice`` + ``fn.resize`` +
 Parameters per sample (:class:`AugmentParams`): ``anchor (y0, x0)``, ``shape (h, w)``, ``flip``.
   * ``pad_crop`` (cifar): absolute pixel window; ``y0, x0`` in ``[-pad, pad]`` (outside the
     image is zero-padded), ``h, w`` = output size.
-  * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized.
+  * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized; the
+    backends turn it into whole pixels with :func:`rrc_pixels` (at least one pixel, inside
+    the image, so that a 1x1 image trains too).
   * eval / None: unused (zeros).
 Random stream: ``streams.rng(seed, epoch, Stream.AUGMENT, rank, step)``.
 """
@@ -87,6 +89,16 @@ def get_augment(name: str | None, train: bool, channels: int,
                            resize_shorter=size[0] if size else None,
                            mean=(0.0,) * channels, std=(255.0,) * channels)
     raise ValueError(f"unknown augment preset {name!r}; choose one of {PRESETS}")
+
+
+def rrc_pixels(rel, size, hw, minimum=np.minimum, maximum=np.maximum, floor=np.floor):
+    """A relative random-resized-crop window -> ``(anchor, size)`` in whole pixels, each
+    ``(y, x)``: ``anchor = min(round(rel * hw), hw - 1)``, ``size = max(1, min(hw - anchor,
+    round(size * hw)))``, rounding half up.  The element-wise functions are numpy's by
+    default; the DALI graph passes ``nvidia.dali.math``'s, so both backends cut the same
+    pixels."""
+    anchor = minimum(floor(rel * hw + 0.5), hw - 1)
+    return anchor, maximum(minimum(hw - anchor, floor(size * hw + 0.5)), 1.0)
 
 
 @dataclass

@@ -16,7 +16,6 @@ its fill sample ``ids[:, 1]``, or the filler, as known-bad rows do).
 """
 from __future__ import annotations
 
-import io
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from ..read.ranges import ReadCounters
+from ..read.sniff import pil_decodable
 from ..read.source import PlannedSource
 from ..read.table import EpochTable, TableHeader
 from .augment import AugmentSpec
@@ -65,16 +65,9 @@ class RawBatch:
 
 
 def decodable(data: bytes, codec: str) -> bool:
-    """True when PIL can decode an encoded sample (raw pixels always are)."""
-    if codec in ("raw", "npy"):
-        return True
-    from PIL import Image
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-        return True
-    except Exception:
-        return False
+    """True when PIL can decode an encoded sample in a format every backend decodes (raw
+    pixels always are)."""
+    return codec in ("raw", "npy") or pil_decodable(data)
 
 
 class Backend(ABC):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import weakref
 from dataclasses import replace
 from typing import Iterator
 
@@ -31,9 +32,10 @@ from ..read.errors import storage_error
 from ..read.ranges import ReadCounters
 from ..read.source import meta_from_array, meta_to_array
 from ..read.table import TableHeader
-from .augment import AugmentSpec, sample_params
+from .augment import AugmentSpec, rrc_pixels, sample_params
 from .backend import Backend, BackendConfig, RawBatch, decodable
 from .buffers import TensorPool
+from .procs import die_with_parent_default, init_reader_process, reader_processes, stop_pool
 
 __all__ = ["DaliBackend"]
 
@@ -56,8 +58,11 @@ class _Callback:
                  packed_len: int | None, stack: bool):
         self.source, self.spec, self.prefix, self.fields = source, spec, prefix, fields
         self.packed_len, self.stack = packed_len, stack
+        # the reader process set-up (procs.py) for spawned workers, where no fork hook runs
+        self.parent = (os.getpid(), die_with_parent_default())
 
     def __call__(self, info):
+        init_reader_process(*self.parent)  # once per process; a no-op in the main process
         table = self.source.table(f"{self.prefix}{info.epoch_idx}.npy")
         sb = self.source.batch(table, info.iteration, self.packed_len)
         out = {"payload": np.stack(sb.payload) if self.stack else sb.payload,
@@ -76,7 +81,8 @@ class _Callback:
 
 def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool = False):
     """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU); ``cropped``:
-    the decoder already cut the random-resized-crop window (ROI decode)."""
+    the decoder already cut the random-resized-crop window (ROI decode).  For "rrc" the
+    window is in pixels (:func:`_rrc_window`)."""
     from nvidia.dali import fn, types
 
     if spec.mode == "pad_crop":
@@ -86,8 +92,8 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool
                           normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
     elif spec.mode == "rrc":
         if not cropped:
-            images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=True,
-                              normalized_shape=True, out_of_bounds_policy="trim_to_shape")
+            images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False,
+                              normalized_shape=False)
         images = fn.resize(images, size=list(spec.out_size), antialias=True)
     elif spec.mode == "resize_center":
         images = fn.resize(images, resize_shorter=spec.resize_shorter, antialias=True)
@@ -98,6 +104,18 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool
         kw["mirror"] = flip
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                     mean=list(spec.mean), std=list(spec.std), **kw)
+
+
+def _rrc_window(payload, anchor, shape, encoded: bool):
+    """The planned relative crop window -> whole pixels inside the image, at least 1x1
+    (:func:`augment.rrc_pixels`, the torch backend's formula): DALI's own rounding of a
+    normalized window gives a 0-pixel crop on tiny images (1x1, 1x7), which fails the
+    batch.  The image's size comes from its header (encoded) or its array (raw pixels)."""
+    from nvidia.dali import fn, math, types
+
+    dims = fn.peek_image_shape(payload) if encoded else payload.shape()
+    hw = fn.cast(dims[0:2], dtype=types.FLOAT)
+    return rrc_pixels(anchor, shape, hw, math.min, math.max, math.floor)
 
 
 def _output_fields(spec: AugmentSpec, trim: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -141,13 +159,16 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
             payload = fn.slice(payload, np.zeros(1, np.float32), node["length"], axes=[0],
                                normalized_anchor=False, normalized_shape=False)
         cropped = spec.mode == "rrc" and codec not in ("raw", "npy")
+        if spec.mode == "rrc":
+            node["anchor"], node["shape"] = _rrc_window(payload, node["anchor"], node["shape"],
+                                                        encoded=cropped)
         decode_kw = dict(device="mixed" if gpu else "cpu",
                          output_type=types.GRAY if cfg.channels == 1 else types.RGB)
         if codec in ("raw", "npy"):
             images = payload.gpu() if gpu else payload  # already pixels: no decoding
         elif cropped:  # ROI decode: only the planned crop window is decoded
             images = fn.decoders.image_slice(payload, node["anchor"], node["shape"], axes=[0, 1],
-                                             normalized_anchor=True, normalized_shape=True,
+                                             normalized_anchor=False, normalized_shape=False,
                                              **decode_kw)
         else:
             images = fn.decoders.image(payload, **decode_kw)
@@ -155,7 +176,8 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
                                 spec, cropped)
         pipe.set_outputs(images, node["meta"], *(node[FIELD_PREFIX + f] for f in cfg.source.fields))
     if workers > 0:
-        pipe.start_py_workers()
+        with reader_processes():  # readers ignore stop signals and die with this process
+            pipe.start_py_workers()
     return pipe
 
 
@@ -183,15 +205,22 @@ def _field_bytes(names: tuple[str, ...], outputs) -> dict[str, list[bytes]]:
 
 def _shutdown(pipe) -> None:
     """Shut a pipeline down and stop its Python workers now (not whenever it is collected:
-    a pipeline killed by an error can stay referenced and its workers would linger)."""
+    a pipeline killed by an error can stay referenced and its workers would linger).
+
+    DALI's own ``WorkerPool.close`` can wait forever (on a worker that ignores SIGTERM, or
+    on a queue whose lock a dead worker held), so it runs under :func:`procs.stop_pool`:
+    bounded, then SIGKILL.  A close that stays stuck is detached from the pool so that
+    DALI's finalizer, which calls it again at exit, returns at once."""
     if pipe is None:
         return
     pool = getattr(pipe, "_py_pool", None)
     try:
         pipe._shutdown()
     finally:
-        if pool is not None:
-            pool.close()
+        if pool is not None and not stop_pool(pool.close, pool.pids()):
+            inner = getattr(pool, "pool", None)
+            if getattr(inner, "_observer", None) is not None:
+                inner._observer = None
 
 
 class DaliBackend(Backend):
@@ -204,6 +233,7 @@ class DaliBackend(Backend):
         self._generation = 0
         self._pool = TensorPool()
         self._pipe = None
+        self._closer = lambda: None  # replaced by each pipeline's finalizer
         self._new_pipeline()
 
     def _prefix(self) -> str:
@@ -224,10 +254,13 @@ class DaliBackend(Backend):
         self._epochs = 0       # DALI epochs (resets) of this pipeline: its epoch_idx
         self._built = False
         self._pipe = _build(cfg, self._prefix(), method, device_id)
+        # stops the workers even when close() is never called (a trainer that just exits);
+        # newer than DALI's own finalizer of the pool, so it runs first at exit
+        self._closer = weakref.finalize(self, _shutdown, self._pipe)
 
     def _replace_pipeline(self) -> None:
-        old, self._pipe = self._pipe, None
-        _shutdown(old)
+        self._pipe = None
+        self._closer()
         self._new_pipeline()
 
     def start(self, ids: np.ndarray, header: TableHeader) -> Iterator[RawBatch]:
@@ -312,5 +345,5 @@ class DaliBackend(Backend):
 
     def close(self) -> None:
         self.abandon()
-        old, self._pipe = self._pipe, None
-        _shutdown(old)
+        self._pipe = None
+        self._closer()

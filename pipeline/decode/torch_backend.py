@@ -9,6 +9,9 @@ backend).  Used where DALI is not installed, and as the benchmark baseline.
 """
 from __future__ import annotations
 
+import functools
+import io
+import os
 import time
 import warnings
 from typing import Iterator
@@ -17,10 +20,13 @@ import numpy as np
 import torch
 
 from ..read.ranges import ReadCounters
+from ..read.sniff import PNG_SIGNATURE, plausible_image
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
 from ..read.table import TableHeader
-from .augment import AugmentParams, AugmentSpec, sample_params
+from .augment import AugmentParams, AugmentSpec, rrc_pixels, sample_params
 from .backend import Backend, RawBatch
+from .procs import (die_with_parent_default, ignore_stop_signals, init_reader_process,
+                    reader_processes)
 
 __all__ = ["TorchBackend", "transform", "decode"]
 
@@ -44,11 +50,10 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     if spec.mode == "pad_crop":
         img = _crop_pad(img, int(y0), int(x0), int(ph), int(pw))
     elif spec.mode == "rrc":
-        _, hh, ww = img.shape
-        top, left = int(round(y0 * hh)), int(round(x0 * ww))
-        h = max(1, min(hh - top, int(round(ph * hh))))
-        w = max(1, min(ww - left, int(round(pw * ww))))
-        img = F.resized_crop(img, top, left, h, w, list(spec.out_size), antialias=True)
+        (top, left), (h, w) = rrc_pixels(p.anchor[j], p.shape[j],
+                                         np.asarray(img.shape[1:], dtype=np.float32))
+        img = F.resized_crop(img, int(top), int(left), int(h), int(w), list(spec.out_size),
+                             antialias=True)
     elif spec.mode == "resize_center":
         img = F.resize(img, [spec.resize_shorter], antialias=True)
         if spec.out_size:
@@ -60,10 +65,26 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     return (img.float() - mean) / std
 
 
-def decode(payload: np.ndarray, codec: str, channels: int) -> torch.Tensor:
-    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor."""
+def _decode_pil(payload: np.ndarray, channels: int) -> torch.Tensor:
+    """PIL's decode (raises on damage instead of crashing) -> CHW uint8 tensor."""
+    from PIL import Image
+    with Image.open(io.BytesIO(payload.tobytes())) as im:
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    return torch.from_numpy(a.reshape(*a.shape[:2], channels).copy()).permute(2, 0, 1)
+
+
+def decode(payload: np.ndarray, codec: str, channels: int, checked: bool = False) -> torch.Tensor:
+    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor.  Raises on bytes that
+    do not decode.
+
+    torchvision's PNG decoder crashes the process (SIGSEGV after a libpng error) on a
+    damaged deflate stream, which a checksum written after the damage does not catch.  So
+    a PNG that fails the structural check of read/sniff.py goes to PIL instead, which
+    raises; ``checked``: the reader already ran that check (no checksum to verify)."""
     if codec in ("raw", "npy") or payload.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
+    if not checked and payload[:8].tobytes() == PNG_SIGNATURE and not plausible_image(payload):
+        return _decode_pil(payload, channels)
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     data = torch.from_numpy(np.array(payload, copy=True))
@@ -72,7 +93,11 @@ def decode(payload: np.ndarray, codec: str, channels: int) -> torch.Tensor:
     return fn(data, mode=mode)
 
 
-def _worker_init(_: int) -> None:
+def _worker_init(_: int, parent: tuple[int, bool]) -> None:
+    # ignore SIGTERM/SIGINT (torch's worker handler dies on them, and the main process's
+    # SIGCHLD handler then raises wherever it is) and die with the main process (procs.py)
+    init_reader_process(*parent)
+    ignore_stop_signals()  # torch set its own SIGTERM handler after the fork
     # one intra-op thread per worker: the workers are the parallelism (oversubscribed
     # intra-op threads make per-image ops far slower on few cores)
     torch.set_num_threads(1)
@@ -95,14 +120,16 @@ class _BatchDataset(torch.utils.data.Dataset):
         params = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank, h.first_step + i)
         t0 = time.perf_counter()
         codec, ch = self.source.codec, self.channels
+        checked = not self.source.verify_crc  # the reader sniffed every payload
         imgs = []
         with warnings.catch_warnings():
             # torchvision 0.29 deprecates its decoders (in favour of torchcodec) on every call
             warnings.simplefilter("ignore", DeprecationWarning)
             for j, buf in enumerate(sb.payload):
                 try:
-                    imgs.append(transform(decode(buf, codec, ch), params, j, self.spec))
-                except RuntimeError:  # undecodable bytes: the filler, flagged corrupt
+                    imgs.append(transform(decode(buf, codec, ch, checked), params, j,
+                                          self.spec))
+                except (RuntimeError, OSError, ValueError):  # undecodable: the filler, flagged corrupt
                     sb.meta["flag"][j] = Flag.CORRUPT
                     imgs.append(transform(decode(self.source.filler, codec, ch), params, j,
                                           self.spec))
@@ -133,8 +160,11 @@ class TorchBackend(Backend):
         dl = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
             prefetch_factor=cfg.prefetch if cfg.num_workers > 0 else None,
-            persistent_workers=False, pin_memory=False, worker_init_fn=_worker_init)
-        self._it = iter(dl)
+            persistent_workers=False, pin_memory=False,
+            worker_init_fn=functools.partial(_worker_init,
+                                             parent=(os.getpid(), die_with_parent_default())))
+        with reader_processes():  # the workers are forked here
+            self._it = iter(dl)
         for j, (images, meta, decode_ns, fields) in enumerate(self._it):
             self._delivered = j + 1
             yield RawBatch(images, meta_from_array(meta.numpy()), table.reads(j, j + 1),

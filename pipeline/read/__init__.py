@@ -6,6 +6,8 @@
     errors   ShardError and its kinds (missing, unreachable, no Range support)
     table    EpochTable: an epoch's batches published on disk for reader processes
     source   PlannedSource: (table, batch) -> SourceBatch (payloads + META_DTYPE records)
+    sniff    cheap validity checks of encoded images before any decoder sees them
+    corrupt  CorruptReport (one warning per shard, max_corrupt_fraction), CorruptSampleError
 
 Imports only pipeline.formats (storage helpers); never a later stage.
 """

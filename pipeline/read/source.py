@@ -9,7 +9,6 @@ stage is a :class:`SourceBatch`: the encoded payloads (or raw pixels) and one
 from __future__ import annotations
 
 import io
-import os
 import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -17,6 +16,7 @@ from enum import IntEnum
 import numpy as np
 
 from .reader import RangeReader
+from .sniff import looks_decodable, pil_decodable, plausible_structure
 from .table import EpochTable
 
 __all__ = ["Flag", "META_DTYPE", "SourceBatch", "PlannedSource", "BadSamples", "make_filler",
@@ -217,7 +217,7 @@ class PlannedSource:
             rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
         fields = {f: [b""] * b for f in self.fields}
         for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
-            if crc is not None and zlib.crc32(buf) != crc[k]:
+            if self._damaged(buf, None if crc is None else crc[k]):
                 if valid[j]:  # reported and masked by the main process
                     meta["flag"][j] = Flag.CORRUPT
                 continue  # a bad fill sample: the row keeps the filler (reported where planned)
@@ -258,6 +258,25 @@ class PlannedSource:
             return [bytes(b) for b in bufs], probe.counters.seconds
         finally:
             probe.close()
+
+    def _damaged(self, buf, crc: int | None) -> bool:
+        """True when a payload must not reach a decoder: its CRC32 differs from the
+        manifest's (or it matches, but a JPEG's marker chain is broken: bytes stored
+        damaged, which would crash DALI's decoder), or, with no checksum to verify, it fails
+        the cheap look of read/sniff.py (encoded images) or does not parse as the declared
+        pixels.  What fails a structural check gets PIL's second opinion."""
+        if crc is not None:
+            if zlib.crc32(buf) != crc:
+                return True
+            return (self.codec not in ("raw", "npy") and not plausible_structure(buf)
+                    and not pil_decodable(buf))
+        if self.codec not in ("raw", "npy"):
+            return not looks_decodable(buf)
+        try:
+            self._payload_array(buf)
+            return False
+        except (ValueError, EOFError, OSError):
+            return True
 
     def _payload_array(self, buf) -> np.ndarray:
         if self.codec == "raw":
