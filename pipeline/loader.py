@@ -103,7 +103,8 @@ class Loader:
         self.bad = BadSamples(os.path.join(self.workdir, "bad.npy"), self.n)
 
         reader = RangeReader(ds.files, ds.file_sizes, merge_gap=opt.read.merge_gap,
-                             rank=ds.file_rank, storage_options=opt.read.storage_options,
+                             rank=ds.file_rank,  # options: the Loader's, else open_dataset's
+                             storage_options=opt.read.storage_options or ds.storage_options,
                              direct_io=opt.read.direct_io,
                              retry=RetryPolicy(opt.read.request_timeout, opt.read.retries))
         if reader.remote:  # unreachable / missing / no Range support: one error, here
