@@ -91,7 +91,7 @@ class S3Server:
             os.kill(self.proc.pid, signal.SIGCONT)
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=15)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .errors import ConvertError
 from .header import HEADER_NAME
+from .manifest import COLUMN_DIR
 from .outdir import LOCK_NAME, STATE_DIR, OutLock, pause_point
 from .storage import access_denied, fs_options, is_s3, read_url
 
@@ -142,7 +143,8 @@ def _describe(head: dict | None) -> str:
 
 
 def _stage_files(stage: Path) -> list[str]:
-    """The stage's dataset files, relative, manifest.json excluded (it goes last)."""
+    """The stage's dataset files, relative: data and index files, then the manifest's
+    columns; manifest.json excluded (it goes last)."""
     skip = {HEADER_NAME, LOCK_NAME}
     out = []
     for path in sorted(stage.rglob("*")):
@@ -152,7 +154,7 @@ def _stage_files(stage: Path) -> list[str]:
         if path.name.startswith("."):   # a writer's temporary file
             continue
         out.append(rel)
-    return out
+    return sorted(out, key=lambda rel: (rel.startswith(COLUMN_DIR + "/"), rel))  # data first
 
 
 def upload_dataset(stage: str | os.PathLike, url: str, storage_options: dict | None = None, *,
