@@ -249,3 +249,22 @@ def test_server_dies_mid_epoch(own_s3, fault, backend, workers):
     assert "server unreachable: s3://data/c/shard-" in msg and "(bytes " in msg, msg
     assert "2 attempt(s)" in msg and "missing" not in msg
     assert seconds < min(30.0, RetryPolicy(1.0, 1).bound() + 8), seconds
+
+
+def test_index_shards_in_s3(s3, s3_cifar, cifar_wds, repo_root, tmp_path):
+    """``tools/shard.py index s3://...`` reads only tar headers (ranged GetObjects) and the
+    indexed dataset delivers the local copy's labels for the same bytes."""
+    out = tmp_path / "indexed"
+    p = _shard(repo_root, ["index", f"{s3_cifar}/shard-{{000000..000003}}.tar", str(out),
+                           "--label", "cls", "--workers", "2"], s3.env)
+    assert p.returncode == 0, p.stderr
+    fetched = p.stdout.split("fetched ")[1].split(" (")[1].rstrip(")\n% ")
+    assert float(fetched.split("%")[0]) < 50, p.stdout   # headers, not whole shards
+    ds = pipeline.open_dataset(out, storage_options=s3.storage_options)
+    local = pipeline.open_dataset(cifar_wds)
+    assert ds.files[0] == f"{URL}/shard-000000.tar" and len(ds) == len(local)
+    want = {(int(f), int(o)): int(lab) for f, o, lab in zip(local.file, local.offset, local.labels)}
+    got = {(int(f), int(o)): int(lab) for f, o, lab in zip(ds.file, ds.offset, ds.labels)}
+    assert got == want
+    assert ds.read(7) == local.read(int(np.flatnonzero((local.file == ds.file[7])
+                                                       & (local.offset == ds.offset[7]))[0]))

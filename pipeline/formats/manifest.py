@@ -21,8 +21,8 @@ import numpy as np
 from . import layout
 from .header import (HEADER_NAME, MANIFEST_VERSION, FileEntry, ManifestError, ManifestHeader,
                      header_path, read_header)
-from .storage import (connection_failure, fs_options, is_url, local_path, read_url,
-                      unreachable)
+from .storage import (access_denied, connection_failure, fs_options, is_url, local_path,
+                      read_url, unreachable)
 
 __all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "Dataset", "write_manifest",
            "open_dataset", "ManifestError", "ManifestHeader", "FileEntry", "read_header"]
@@ -248,6 +248,8 @@ class Dataset:
         for path, entry in zip(self.files, self.file_entries):
             try:
                 size = self._fs.size(path) if is_url(path) else os.path.getsize(path)
+            except PermissionError as e:
+                raise ManifestError(access_denied(path, e)) from e
             except OSError as e:
                 fail = connection_failure(e) if is_url(path) else None
                 if fail is not None:  # no answer from the server: the file may well exist

@@ -26,6 +26,11 @@ from .s3 import S3Ranges
 
 __all__ = ["RangeReader", "ShardError", "logical_block_size"]
 
+# File systems a forked process inherited from its parent.  Collecting one in the child
+# runs s3fs's finalizer there, which closes the parent's client on the child's event loop
+# ("Future attached to a different loop"); kept referenced, it is left alone.
+_INHERITED: list = []
+
 
 class RangeReader:
     """Reads ``(file, offset, length)`` ranges from local files or URLs, counting all I/O.
@@ -63,6 +68,8 @@ class RangeReader:
             self._pid = os.getpid()
             self._fds = {}
             self._checked = set()
+            if self._fs is not None:  # the parent's: keep it alive, never collect it here
+                _INHERITED.append(self._fs)
             self._fs = None
 
     def _filesystem(self):
