@@ -259,7 +259,8 @@ def test_index_shards_in_s3(s3, s3_cifar, cifar_wds, repo_root, tmp_path):
                            "--label", "cls", "--workers", "2"], s3.env)
     assert p.returncode == 0, p.stderr
     fetched = p.stdout.split("fetched ")[1].split(" (")[1].rstrip(")\n% ")
-    assert float(fetched.split("%")[0]) < 50, p.stdout   # headers, not whole shards
+    # header windows, not whole shards (CIFAR's 1 KiB samples: most of a shard is headers)
+    assert float(fetched.split("%")[0]) < 80, p.stdout
     ds = pipeline.open_dataset(out, storage_options=s3.storage_options)
     local = pipeline.open_dataset(cifar_wds)
     assert ds.files[0] == f"{URL}/shard-000000.tar" and len(ds) == len(local)
