@@ -12,15 +12,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from _servers import free_port
+from _servers import Server, free_port
 
 ACCESS_KEY, SECRET_KEY = "swdpp-test", "swdpp-test-secret-0123456789"
 
@@ -55,16 +54,17 @@ def _admin_port() -> int:
 
 
 @dataclass
-class S3Server:
-    """``endpoint``: http://127.0.0.1:PORT; ``proc``: the weed process."""
+class S3Server(Server):
+    """``url`` (also ``endpoint``): http://127.0.0.1:PORT of the S3 gateway; ``proc``: the
+    weed process; ``stop()`` / ``signal()`` as for the HTTP servers."""
 
-    endpoint: str
-    proc: subprocess.Popen
-    dir: Path
-    log: Path
+    dir: Path | None = None
     key: str = ACCESS_KEY
     secret: str = SECRET_KEY
-    buckets: list = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
 
     @property
     def storage_options(self) -> dict:
@@ -81,20 +81,6 @@ class S3Server:
         """A fresh s3fs file system on this server (no instance cache)."""
         import s3fs
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
-
-    def stop(self) -> None:
-        """End the weed process (SIGCONT first, in case a test froze it)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def start_weed(tmp: Path, buckets: tuple[str, ...] = ("data",), timeout: float = 60.0) -> S3Server:
@@ -118,8 +104,7 @@ def start_weed(tmp: Path, buckets: tuple[str, ...] = ("data",), timeout: float =
     log = tmp / "weed.log"
     with open(log, "wb") as out:  # a file: a pipe nobody reads would block the server
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", proc, tmp, log,
-                      buckets=list(buckets))
+    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", proc, log, dir=tmp)
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:

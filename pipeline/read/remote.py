@@ -33,7 +33,7 @@ from typing import Awaitable, Callable, Sequence
 
 from .errors import RangeNotSupported, RemoteError, RemoteUnreachable, ShardError, ShardMissing
 
-__all__ = ["RetryPolicy", "HttpRanges", "content_range_error"]
+__all__ = ["RetryPolicy", "HttpRanges", "content_range_error", "checked_length"]
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -102,6 +102,14 @@ def content_range_error(url: str, start: int, end: int, got: str | None) -> Exce
         f"{start}-{end - 1}/<size>)")
 
 
+def checked_length(url: str, start: int, end: int, body: bytes) -> bytes:
+    """``body`` if it holds the ``end - start`` bytes asked for, else ShardError."""
+    if len(body) != end - start:
+        raise ShardError(f"short read from {url}{_span(start, end)}: got {len(body)} "
+                         f"of {end - start} bytes")
+    return body
+
+
 class HttpRanges:
     """Ranged GETs and HEADs on an fsspec ``HTTPFileSystem``'s loop and session."""
 
@@ -168,10 +176,7 @@ class HttpRanges:
                 r.close()
                 raise bad
             body = await r.read()
-        if len(body) != end - start:
-            raise ShardError(f"short read from {url}{_span(start, end)}: got {len(body)} "
-                             f"of {end - start} bytes")
-        return body
+        return checked_length(url, start, end, body)
 
     async def _head(self, session, url: str, *_) -> int | None:
         kw = self._kwargs({})

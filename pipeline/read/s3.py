@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 
 from .errors import AccessDenied, RangeNotSupported, RemoteError, ShardError, ShardMissing
-from .remote import TRANSIENT_STATUS, HttpRanges, _reason, _span, _Transient, content_range_error
+from .remote import (TRANSIENT_STATUS, HttpRanges, _reason, _span, _Transient, checked_length,
+                     content_range_error)
 
 __all__ = ["S3Ranges", "split_s3"]
 
@@ -86,11 +87,7 @@ class S3Ranges(HttpRanges):
             r["Body"].close()
             raise bad
         async with r["Body"] as body:
-            data = await body.read()
-        if len(data) != end - start:
-            raise ShardError(f"short read from {url}{_span(start, end)}: got {len(data)} "
-                             f"of {end - start} bytes")
-        return data
+            return checked_length(url, start, end, await body.read())
 
     async def _head(self, client, url: str, *_) -> int | None:
         from botocore.exceptions import ClientError
@@ -105,7 +102,7 @@ class S3Ranges(HttpRanges):
         from botocore.exceptions import ConnectionError as BotoConnection, HTTPClientError
         if isinstance(e, (BotoConnection, HTTPClientError)):
             cause = getattr(e, "kwargs", {}).get("error")  # the aiohttp / socket error
-            if isinstance(e, HTTPClientError) and "timeout" in type(e).__name__.lower():
+            if "Timeout" in type(e).__name__:  # ReadTimeoutError, ConnectTimeoutError
                 return _reason(asyncio.TimeoutError(), float(self.policy.timeout))
             if isinstance(cause, BaseException):
                 return _reason(cause, float(self.policy.timeout))
