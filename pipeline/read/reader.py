@@ -61,6 +61,7 @@ class RangeReader:
         self._fds: dict[int, int] = {}
         self._checked: set[int] = set()
         self._fs = None
+        self._client = None
 
     # -- opening and checking -------------------------------------------------------
     def _ensure_process(self) -> None:
@@ -70,7 +71,7 @@ class RangeReader:
             self._checked = set()
             if self._fs is not None:  # the parent's: keep it alive, never collect it here
                 _INHERITED.append(self._fs)
-            self._fs = None
+            self._fs = self._client = None
 
     def _filesystem(self):
         if self._fs is None:
@@ -82,10 +83,13 @@ class RangeReader:
         return self._fs
 
     def _http(self) -> HttpRanges | None:
-        """The checked range client for http(s) and s3 datasets (None for other schemes)."""
-        if is_s3(self.files[0]):
-            return S3Ranges(self._filesystem(), self.retry)
-        return HttpRanges(self._filesystem(), self.retry) if is_http(self.files[0]) else None
+        """The checked range client for http(s) and s3 datasets (None for other schemes);
+        one per process (the s3 client keeps its presigned URLs)."""
+        if self._client is None and is_s3(self.files[0]):
+            self._client = S3Ranges(self._filesystem(), self.retry)
+        elif self._client is None and is_http(self.files[0]):
+            self._client = HttpRanges(self._filesystem(), self.retry)
+        return self._client
 
     def _expect_size(self, i: int, size: int) -> None:
         if self.file_sizes is not None and int(self.file_sizes[i]) != int(size):
@@ -157,7 +161,7 @@ class RangeReader:
 
     def __getstate__(self):  # picklable for spawned workers: no descriptors travel
         d = dict(self.__dict__)
-        d.update(_pid=None, _fds={}, _checked=set(), _fs=None)
+        d.update(_pid=None, _fds={}, _checked=set(), _fs=None, _client=None)
         return d
 
     # -- reading ------------------------------------------------------------------

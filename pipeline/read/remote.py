@@ -163,11 +163,15 @@ class HttpRanges:
                 "(nginx, Apache, S3, ...)")
         return RemoteError(f"{url}{where}: the server answered {r.status} {r.reason}")
 
+    async def _target(self, url: str) -> str:
+        """The address a GET of ``url`` goes to (messages name ``url`` itself)."""
+        return self.fs.encode_url(url)
+
     async def _get_range(self, session, url: str, start: int, end: int) -> bytes:
         if start >= end:
             return b""
         kw = self._kwargs({"Range": f"bytes={start}-{end - 1}"})
-        async with session.get(self.fs.encode_url(url), **kw) as r:
+        async with session.get(await self._target(url), **kw) as r:
             if r.status != 206:
                 r.close()  # drop the connection: never download a whole-file body
                 raise self._status(r, url, start, end)
