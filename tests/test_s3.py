@@ -213,6 +213,17 @@ def test_missing_object_and_dataset(s3, s3_cifar):
         pipeline.open_dataset("s3://data/nothing-here", storage_options=s3.storage_options)
 
 
+def test_dead_endpoint_at_open(tmp_path):
+    """Nothing listens at the endpoint: "unreachable" naming the manifest, not "missing",
+    within a bounded time (botocore's and s3fs's metadata retries included)."""
+    from _servers import free_port
+    opts = {"endpoint_url": f"http://127.0.0.1:{free_port()}", "key": "k", "secret": "s"}
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionError, match="server unreachable: s3://data/x/manifest.json"):
+        pipeline.open_dataset("s3://data/x", storage_options=opts)
+    assert time.monotonic() - t0 < 30
+
+
 @pytest.fixture
 def own_s3(cifar_wds, tmp_path):
     """A server of its own (this test kills it), holding the CIFAR subset."""
