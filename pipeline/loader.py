@@ -100,8 +100,10 @@ class Loader:
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.workdir, True)
         self.bad = BadSamples(os.path.join(self.workdir, "bad.npy"), self.n)
 
+        # remote storage options: the Loader's, else those open_dataset was given
+        storage = opt.read.storage_options or getattr(ds, "storage_options", None)
         reader = RangeReader(ds.files, ds.file_sizes, merge_gap=opt.read.merge_gap,
-                             rank=ds.file_rank, storage_options=opt.read.storage_options,
+                             rank=ds.file_rank, storage_options=storage,
                              direct_io=opt.read.direct_io,
                              retry=RetryPolicy(opt.read.request_timeout, opt.read.retries))
         if reader.remote:  # unreachable / missing / no Range support: one error, here

@@ -3,13 +3,16 @@
     python tools/shard.py SRC OUT --format wds|zarr [--split train|test]
         [--samples-per-shard N | --shard-bytes B] [--workers N] [--seed S] [--no-shuffle]
         [--encode png|jpeg|npy --quality Q] [--resize HxW] [--limit N] [--name NAME]
-        [--source-type imagefolder|cifar|idx|npz] [--overwrite] [--strict]
+        [--source-type imagefolder|cifar|idx|npz] [--overwrite] [--strict] [--stage DIR]
     python tools/shard.py --verify OUT
     python tools/shard.py index SHARDS OUT [--label cls|txt|json:PATH|key:REGEX] [--fields txt,json]
         [--workers N] [--strict]
 
 SRC: an ImageFolder tree (SRC/<class>/<file>), CIFAR-10/100 python batches, MNIST-family
-IDX files, or an .npz with x/y. ``index`` writes a manifest for existing WebDataset shards
+IDX files, or an .npz with x/y. OUT may be ``s3://bucket/prefix``: the dataset is staged
+in a local directory (``--stage``), uploaded, each object verified, the manifest last;
+endpoint and credentials from AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+``index`` writes a manifest for existing WebDataset shards
 (a directory, glob, brace pattern, list file or URLs) without copying them. Formats and
 manifest: docs/formats.md.
 """
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", nargs="?", help="source dataset (directory or .npz)")
-    p.add_argument("out", nargs="?", help="output directory")
+    p.add_argument("out", nargs="?", help="output directory, or s3://bucket/prefix")
     p.add_argument("--verify", metavar="OUT", help="re-read every sample of OUT and check it")
     p.add_argument("--format", choices=("wds", "zarr"), default="wds")
     p.add_argument("--source-type", choices=("imagefolder", "cifar", "idx", "npz"))
@@ -62,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="shard name prefix (default 'shard')")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in OUT")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
+    p.add_argument("--stage", metavar="DIR",
+                   help="local stage of an s3:// OUT (default: under ~/.cache/swdpp/stage)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -123,16 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.src or not args.out:
         build_parser().error("SRC and OUT are required (or --verify OUT)")
+    extra = {"stage": args.stage} if args.stage and "://" in args.out else {}
     try:
-        s = convert(args.src, args.out, format=args.format, source_type=args.source_type,
+        s = convert(args.src, args.out, **extra, format=args.format, source_type=args.source_type,
                     split=args.split, samples_per_shard=args.samples_per_shard,
                     shard_bytes=args.shard_bytes, workers=args.workers, seed=args.seed,
                     shuffle=not args.no_shuffle, encode=args.encode, quality=args.quality,
                     resize=args.resize, overwrite=args.overwrite, strict=args.strict,
                     limit=args.limit, name=args.name, progress=not args.no_progress)
-    except (ConvertError, SourceError, ValueError) as e:
+    except (ConvertError, SourceError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "stage" in s:
+        print(f"{s['out']}: {s['status']} ({s['num_samples']} samples, {s['num_shards']} "
+              f"shards; {s['uploaded']} object(s) uploaded and verified, "
+              f"{s['upload_skipped']} already there; stage {s['stage']})")
+        return 0
     if s["status"] == "already complete":
         print(f"{s['out']}: already complete ({s['num_samples']} samples, {s['num_shards']} "
               "shards); nothing to do")

@@ -25,6 +25,7 @@ from .outdir import STATE_DIR, OutLock, pause_point, prepare_out, start_state
 from .registry import FORMATS, Format, SamplePlan, ShardTask, get_format, remember_source
 from .images import probe_image
 from .sources import Source, SourceError, open_source
+from .storage import is_url
 from .walk import display
 
 __all__ = ["convert", "parse_resize", "ConvertError", "SourceError"]
@@ -189,7 +190,12 @@ def convert(src, out, **options) -> dict:
     any point; a different dataset in ``out`` is refused unless ``overwrite``; a second
     conversion into the same ``out`` at the same time is refused (``outdir.OutLock``).
     Corrupt images are skipped and reported (``strict`` makes them fatal).
+    An ``s3://bucket/prefix`` ``out`` is converted into a local stage and uploaded
+    (formats/upload.py; options ``stage``, ``storage_options``).
     """
+    if is_url(str(out)):
+        from .upload import convert_to_url
+        return convert_to_url(src, str(out), **options)
     out = Path(out).absolute()
     created = not out.exists()
     try:

@@ -192,13 +192,15 @@ def header_path(root: str) -> str:
     return f"{root}/{HEADER_NAME}" if is_url(root) else os.path.join(root, HEADER_NAME)
 
 
-def read_header(path_or_url: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a dataset directory (or URL), as a dict (not yet checked)."""
+def read_header(path_or_url: str | os.PathLike,
+                storage_options: dict | None = None) -> dict[str, Any]:
+    """The JSON header of a dataset directory (or URL, fetched with ``storage_options``),
+    as a dict (not yet checked)."""
     root = str(path_or_url).rstrip("/")
     where = header_path(root)
     if is_url(root):
         try:
-            text = read_url(where)  # bounded; an unreachable server: ConnectionError naming it
+            text = read_url(where, storage_options)  # bounded; an unreachable server: ConnectionError naming it
         except FileNotFoundError as e:
             raise ManifestError(f"no {HEADER_NAME} at {where}: not a converted dataset (or "
                                 "the conversion did not finish)") from e

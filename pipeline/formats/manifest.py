@@ -21,8 +21,8 @@ import numpy as np
 from . import layout
 from .header import (HEADER_NAME, MANIFEST_VERSION, FileEntry, ManifestError, ManifestHeader,
                      header_path, read_header)
-from .storage import (connection_failure, fs_options, is_url, local_path, read_url,
-                      unreachable)
+from .storage import (access_denied, connection_failure, fs_options, is_url, local_path,
+                      read_url, unreachable)
 
 __all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "FieldColumns", "field_column",
            "Dataset", "write_manifest",
@@ -133,6 +133,7 @@ class Dataset:
     crc32: np.ndarray           # zlib.crc32 of the payload
     shapes: np.ndarray | None = None     # (N,3) H,W,C; only when sizes differ
     field_columns: Mapping[str, FieldColumns] = field(default_factory=dict)  # header "fields"
+    storage_options: dict[str, Any] | None = None   # fsspec options of a remote root (s3 keys)
 
     def __post_init__(self) -> None:
         named = {name: getattr(self, attr) for name, (_, attr) in COLUMNS.items()}
@@ -244,7 +245,8 @@ class Dataset:
         """The filesystem of the data files (the root's, or the shards' own URLs)."""
         import fsspec
         url = next((f for f in self.files if is_url(f)), self.root)
-        return fsspec.core.url_to_fs(url, **fs_options(url))[0]  # bounded request timeout
+        opts = fs_options(url, storage_options=self.storage_options)  # bounded requests
+        return fsspec.core.url_to_fs(url, **opts)[0]
 
     def __len__(self) -> int:
         return self.num_samples
@@ -283,12 +285,22 @@ class Dataset:
                                 "requests?)")
         return data
 
+    def read_file(self, path: str) -> bytes:
+        """The whole file ``path`` (local, or a URL through this dataset's filesystem);
+        FileNotFoundError if it is absent."""
+        if is_url(path):
+            return self._fs.cat_file(path)
+        with open(path, "rb") as f:
+            return f.read()
+
     def check_files(self, verify_checksum: bool = False) -> None:
         """Raise ManifestError naming the first data file that is missing, has the wrong size
         (truncated/modified) or (with ``verify_checksum``) whose sha256 differs (replaced)."""
         for path, entry in zip(self.files, self.file_entries):
             try:
                 size = self._fs.size(path) if is_url(path) else os.path.getsize(path)
+            except PermissionError as e:
+                raise ManifestError(access_denied(path, e)) from e
             except OSError as e:
                 fail = connection_failure(e) if is_url(path) else None
                 if fail is not None:  # no answer from the server: the file may well exist
@@ -310,11 +322,12 @@ class Dataset:
                                         f"{entry.sha256[:16]}...)")
 
 
-def _load_column(root: str, name: str, remote: bool, optional: bool = False) -> np.ndarray | None:
+def _load_column(root: str, name: str, remote: bool, optional: bool = False,
+                 storage_options: dict | None = None) -> np.ndarray | None:
     if remote:
         url = f"{root}/{COLUMN_DIR}/{name}.npy"
         try:
-            return np.load(io.BytesIO(read_url(url)), allow_pickle=False)
+            return np.load(io.BytesIO(read_url(url, storage_options)), allow_pickle=False)
         except FileNotFoundError:
             if optional:
                 return None
@@ -327,8 +340,10 @@ def _load_column(root: str, name: str, remote: bool, optional: bool = False) -> 
     return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
-def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
-    """Open a converted dataset (a local directory or an ``http(s)://``/fsspec URL root).
+def open_dataset(path_or_url: str | os.PathLike, storage_options: dict | None = None) -> Dataset:
+    """Open a converted dataset (a local directory or an ``http(s)://``/``s3://``/fsspec
+    URL root; ``storage_options`` configure that filesystem, e.g. s3's ``endpoint_url``,
+    ``key``, ``secret``; the Loader reads with them too).
 
     Local columns are memory-mapped; remote ones are fetched into memory. Data files are
     not touched here: ``Dataset.check_files()`` checks them on demand.
@@ -337,12 +352,16 @@ def open_dataset(path_or_url: str | os.PathLike) -> Dataset:
     remote = is_url(root)
     if not remote:
         root = os.path.abspath(local_path(root))
-    header = read_header(root)
+    opts = dict(storage_options) if storage_options else None
+    header = read_header(root, opts)
     manifest = ManifestHeader.from_json(header, header_path(root))
-    columns = {attr: _load_column(root, name, remote) for name, (_, attr) in COLUMNS.items()}
+    columns = {attr: _load_column(root, name, remote, storage_options=opts)
+               for name, (_, attr) in COLUMNS.items()}
     for name in set(manifest.columns or {}) & set(OPTIONAL_COLUMNS):
-        columns[OPTIONAL_COLUMNS[name][1]] = _load_column(root, name, remote, optional=True)
+        columns[OPTIONAL_COLUMNS[name][1]] = _load_column(root, name, remote, optional=True,
+                                                          storage_options=opts)
     columns["field_columns"] = {
-        f: FieldColumns(*(_load_column(root, field_column(f, part), remote) for part in FIELD_PARTS))
+        f: FieldColumns(*(_load_column(root, field_column(f, part), remote, storage_options=opts)
+                          for part in FIELD_PARTS))
         for f in manifest.fields or ()}
-    return Dataset(root=root, header=header, manifest=manifest, **columns)
+    return Dataset(root=root, header=header, manifest=manifest, storage_options=opts, **columns)

@@ -246,11 +246,11 @@ class WdsFormat(Format):
 
     def check_dataset(self, ds):
         for e in ds.manifest.index_files or ():       # DALI index files: present, unchanged
-            p = os.path.join(ds.root, e.path)
-            if not os.path.exists(p):
-                raise VerifyError(f"index file missing: {p}")
-            with open(p, "rb") as f:
-                data = f.read()
+            p = f"{ds.root}/{e.path}" if ds.is_remote else os.path.join(ds.root, e.path)
+            try:
+                data = ds.read_file(p)
+            except FileNotFoundError:
+                raise VerifyError(f"index file missing: {p}") from None
             if len(data) != e.size or hashlib.sha256(data).hexdigest() != e.sha256:
                 raise VerifyError(f"index file modified: {p}")
 

@@ -1,9 +1,14 @@
 """Where a dataset's files live: local paths or fsspec URLs (the one URL predicate), and
-the bounded fetch of a dataset's remote metadata (header, columns, sizes)."""
+the bounded fetch of a dataset's remote metadata (header, columns, sizes).
+
+``s3://`` goes through s3fs (botocore): endpoint and credentials come from
+``storage_options`` (``endpoint_url``, ``key``, ``secret``, ...) or, where those do not
+say, from botocore's own sources (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``~/.aws``)."""
 from __future__ import annotations
 
-__all__ = ["is_url", "is_http", "local_path", "METADATA_TIMEOUT", "fs_options", "read_url",
-           "connection_failure", "unreachable"]
+__all__ = ["is_url", "is_http", "is_s3", "local_path", "METADATA_TIMEOUT", "fs_options",
+           "read_url", "connection_failure", "unreachable", "access_denied"]
 
 # seconds without a byte from the server before a metadata request fails: aiohttp's own
 # default waits five minutes on a frozen server, then raises an empty FSTimeoutError
@@ -20,34 +25,60 @@ def is_http(path: str) -> bool:
     return str(path).lower().startswith(("http://", "https://"))
 
 
+def is_s3(path: str) -> bool:
+    """True for ``s3://`` URLs."""
+    return str(path).lower().startswith("s3://")
+
+
 def local_path(path: str) -> str:
     """``file://`` stripped; other paths unchanged."""
     p = str(path)
     return p[len("file://"):] if p.startswith("file://") else p
 
 
-def fs_options(url: str, timeout: float | None = None) -> dict:
-    """fsspec keyword arguments for ``url``: http(s) requests fail after ``timeout`` seconds
-    (default :data:`METADATA_TIMEOUT`) without a byte (connecting or reading); other
-    schemes keep their own settings."""
-    if not is_http(url):
-        return {}
-    import aiohttp
+def fs_options(url: str, timeout: float | None = None, storage_options: dict | None = None,
+               retries: int | None = None) -> dict:
+    """fsspec keyword arguments for ``url``: ``storage_options`` plus a bound on every
+    request: http(s) and s3 requests fail after ``timeout`` seconds (default
+    :data:`METADATA_TIMEOUT`) without a byte (connecting or reading).  For s3,
+    ``retries`` (if given) is the number of botocore attempts after the first (the read
+    stage passes 0: it retries itself, read/remote.py); options the caller gave win."""
+    opts = dict(storage_options or {})
     timeout = float(timeout or METADATA_TIMEOUT)
-    t = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
-    return {"client_kwargs": {"timeout": t}}
+    if is_http(url):
+        import aiohttp
+        t = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
+        return {**opts, "client_kwargs": {"timeout": t, **opts.get("client_kwargs", {})}}
+    if is_s3(url):
+        # connections: the read stage sends every range of a batch at once (botocore: 10)
+        config = {"connect_timeout": timeout, "read_timeout": timeout, "max_pool_connections": 64}
+        if retries is not None:
+            config["retries"] = {"total_max_attempts": int(retries) + 1}
+        return {**opts, "config_kwargs": {**config, **opts.get("config_kwargs", {})}}
+    return opts
 
 
 def connection_failure(e: BaseException) -> BaseException | None:
     """The refused/reset/timed-out connection (or 5xx answer) behind ``e``, else None.
     fsspec's HTTP ``size``/``info`` turns every failure into FileNotFoundError (the cause
-    kept), so a dead or failing server would read as a missing file."""
-    for x in (e, e.__cause__):
-        if isinstance(x, OSError) and not isinstance(x, FileNotFoundError):
+    kept), so a dead or failing server would read as a missing file; botocore's
+    connection errors are no OSError at all."""
+    for x in (e, e.__cause__, e.__context__):
+        if isinstance(x, OSError) and not isinstance(x, FileNotFoundError | PermissionError):
             return x
         if int(getattr(x, "status", 0) or 0) >= 500:  # aiohttp.ClientResponseError
             return x
+        if x is not None and _botocore_connection(x):
+            return x
     return None
+
+
+def _botocore_connection(e: BaseException) -> bool:
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnection, HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(e, BotoConnection | HTTPClientError)
 
 
 def unreachable(url: str, e: BaseException) -> str:
@@ -56,14 +87,23 @@ def unreachable(url: str, e: BaseException) -> str:
     return f"server unreachable: {url} ({type(e).__name__}: {detail})"
 
 
-def read_url(url: str) -> bytes:
+def access_denied(url: str, e: BaseException) -> str:
+    """The message for a server that refused the credentials (S3 403)."""
+    return (f"access denied: {url} ({e}); check the credentials (storage_options key/secret, "
+            "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the endpoint")
+
+
+def read_url(url: str, storage_options: dict | None = None) -> bytes:
     """The whole file at ``url`` (:func:`fs_options`).  FileNotFoundError when the server
-    says it is absent; ConnectionError naming the URL when the server cannot be reached."""
+    says it is absent; PermissionError naming the URL when it refuses the credentials;
+    ConnectionError naming the URL when the server cannot be reached."""
     import fsspec
     try:
-        with fsspec.open(url, "rb", **fs_options(url)) as f:
+        with fsspec.open(url, "rb", **fs_options(url, storage_options=storage_options)) as f:
             return f.read()
-    except OSError as e:  # refused, reset, or FSTimeoutError (a TimeoutError): no answer
+    except PermissionError as e:
+        raise PermissionError(access_denied(url, e)) from e
+    except Exception as e:  # refused, reset, or FSTimeoutError (a TimeoutError): no answer
         fail = connection_failure(e)
         if fail is None:
             raise

@@ -15,13 +15,22 @@ from .registry import FORMATS
 __all__ = ["verify", "VerifyError"]
 
 
-def verify(out: str | os.PathLike, *, progress: bool = False) -> dict:
+def _read_file(ds, path: str) -> bytes:
+    try:
+        return ds.read_file(path)
+    except FileNotFoundError as e:
+        raise VerifyError(f"shard missing: {path}") from e
+
+
+def verify(out: str | os.PathLike, *, progress: bool = False,
+           storage_options: dict | None = None) -> dict:
     """Check counts, file sizes and sha256, every sample's CRC32, and what the format adds
     (wds: DALI index files, the tar member before each sample; zarr: the shard index).
+    ``out`` may be a URL (``s3://...``, read with ``storage_options``).
     Return a report dict; raise VerifyError naming the shard."""
     from tqdm import tqdm
     try:
-        ds = open_dataset(out)
+        ds = open_dataset(out, storage_options)
     except (ManifestError, OSError, ValueError) as e:
         raise VerifyError(str(e)) from e
     fmt = FORMATS[ds.format]
@@ -35,10 +44,7 @@ def verify(out: str | os.PathLike, *, progress: bool = False) -> dict:
     checked = 0
     bar = tqdm(total=n, desc="verify", unit="img", disable=not progress)
     for fi, (path, entry) in enumerate(zip(ds.files, ds.file_entries)):
-        if not os.path.exists(path):
-            raise VerifyError(f"shard missing: {path}")
-        with open(path, "rb") as f:
-            data = f.read()
+        data = _read_file(ds, path)
         if len(data) != entry.size:
             what = "truncated" if len(data) < entry.size else "modified (size changed)"
             raise VerifyError(f"shard {what}: {path} is {len(data)} bytes, manifest says {entry.size}")

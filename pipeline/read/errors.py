@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 __all__ = ["ShardError", "ShardMissing", "RemoteError", "RemoteUnreachable",
-           "RangeNotSupported", "storage_error"]
+           "RangeNotSupported", "AccessDenied", "storage_error"]
 
 
 class ShardError(IOError):
@@ -36,8 +36,12 @@ class RangeNotSupported(RemoteError):
     the dataset cannot be read from it sample by sample."""
 
 
+class AccessDenied(RemoteError):
+    """The server refused the credentials (S3 403: wrong key or secret, no permission)."""
+
+
 _TYPES = {c.__name__: c for c in (ShardError, ShardMissing, RemoteError, RemoteUnreachable,
-                                  RangeNotSupported)}
+                                  RangeNotSupported, AccessDenied)}
 # "pipeline.read.errors.RemoteUnreachable: server unreachable ..." in a traceback's text
 _LINE = re.compile(r"(?:^|[\s.])(" + "|".join(_TYPES) + r"): (.+)$", re.MULTILINE)
 

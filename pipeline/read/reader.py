@@ -4,10 +4,11 @@ Local files are read with ``os.pread`` on descriptors opened with
 ``posix_fadvise(POSIX_FADV_RANDOM)``: without it the kernel's readahead window pulls the
 pruned samples between two planned ones off the disk too, so skipping them in the plan
 would save nothing at the device (docs/architecture.md, "Reading").  ``http(s)://``
-URLs go through read/remote.py (fsspec's loop and session, but every answer checked:
-206 with the range asked for, a request timeout, retries with backoff, errors naming
-the URL and range); other URLs (``s3://``, ...) through fsspec's ``cat_ranges``; one
-request per merged range (read/ranges.py says which ranges merge).
+URLs go through read/remote.py and ``s3://`` through read/s3.py (fsspec's loop and
+session / botocore client, but every answer checked: 206 with the range asked for, a
+request timeout, retries with backoff, errors naming the URL and range); other URLs
+(``gs://``, ...) through fsspec's ``cat_ranges``; one request per merged range
+(read/ranges.py says which ranges merge).
 """
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from typing import Sequence
 
 import numpy as np
 
-from ..formats.storage import is_http, is_url, local_path
+from ..formats.storage import fs_options, is_http, is_s3, is_url, local_path
 from .errors import ShardError, ShardMissing
 from .ranges import ReadCounters, default_merge_gap, merge_ranges
 from .remote import HttpRanges, RetryPolicy
+from .s3 import S3Ranges
 
 __all__ = ["RangeReader", "ShardError", "logical_block_size"]
+
+# File systems a forked process inherited from its parent.  Collecting one in the child
+# runs s3fs's finalizer there, which closes the parent's client on the child's event loop
+# ("Future attached to a different loop"); kept referenced, it is left alone.
+_INHERITED: list = []
 
 
 class RangeReader:
@@ -54,6 +61,7 @@ class RangeReader:
         self._fds: dict[int, int] = {}
         self._checked: set[int] = set()
         self._fs = None
+        self._client = None
 
     # -- opening and checking -------------------------------------------------------
     def _ensure_process(self) -> None:
@@ -61,17 +69,27 @@ class RangeReader:
             self._pid = os.getpid()
             self._fds = {}
             self._checked = set()
-            self._fs = None
+            if self._fs is not None:  # the parent's: keep it alive, never collect it here
+                _INHERITED.append(self._fs)
+            self._fs = self._client = None
 
     def _filesystem(self):
         if self._fs is None:
             import fsspec
-            self._fs, _ = fsspec.core.url_to_fs(self.files[0], **self.storage_options)
+            url, opts = self.files[0], self.storage_options
+            if is_s3(url):  # botocore's own retries off: read/s3.py counts the attempts
+                opts = fs_options(url, self.retry.timeout, opts, retries=0)
+            self._fs, _ = fsspec.core.url_to_fs(url, **opts)
         return self._fs
 
     def _http(self) -> HttpRanges | None:
-        """The checked range client for http(s) datasets (None for other URL schemes)."""
-        return HttpRanges(self._filesystem(), self.retry) if is_http(self.files[0]) else None
+        """The checked range client for http(s) and s3 datasets (None for other schemes);
+        one per process (the s3 client keeps its presigned URLs)."""
+        if self._client is None and is_s3(self.files[0]):
+            self._client = S3Ranges(self._filesystem(), self.retry)
+        elif self._client is None and is_http(self.files[0]):
+            self._client = HttpRanges(self._filesystem(), self.retry)
+        return self._client
 
     def _expect_size(self, i: int, size: int) -> None:
         if self.file_sizes is not None and int(self.file_sizes[i]) != int(size):
@@ -143,7 +161,7 @@ class RangeReader:
 
     def __getstate__(self):  # picklable for spawned workers: no descriptors travel
         d = dict(self.__dict__)
-        d.update(_pid=None, _fds={}, _checked=set(), _fs=None)
+        d.update(_pid=None, _fds={}, _checked=set(), _fs=None, _client=None)
         return d
 
     # -- reading ------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Awaitable, Callable, Sequence
 
 from .errors import RangeNotSupported, RemoteError, RemoteUnreachable, ShardError, ShardMissing
 
-__all__ = ["RetryPolicy", "HttpRanges"]
+__all__ = ["RetryPolicy", "HttpRanges", "content_range_error", "checked_length"]
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -85,6 +85,29 @@ def _reason(e: BaseException, timeout: float) -> str:
         code = getattr(e.os_error, "errno", None)
         return f"cannot connect: {os.strerror(code) if code else e}"
     return f"{type(e).__name__}: {e}"
+
+
+def content_range_error(url: str, start: int, end: int, got: str | None) -> Exception | None:
+    """None if a 206's ``Content-Range`` is the range ``[start, end)`` asked for; else the
+    error: the shard is shorter than that (truncated), or the server sent another range."""
+    m = _CONTENT_RANGE.fullmatch((got or "").strip())
+    if m and (int(m[1]), int(m[2])) == (start, end - 1):
+        return None
+    if m and int(m[1]) == start and m[3] != "*" and int(m[3]) < end:
+        return ShardError(f"range beyond the end of {url}{_span(start, end)}: the "
+                          f"shard has {m[3]} bytes (truncated or replaced)")
+    return RangeNotSupported(
+        f"server ignores Range requests: {url} answered 206 with Content-Range "
+        f"{got!r} to 'Range: bytes={start}-{end - 1}' (expected bytes "
+        f"{start}-{end - 1}/<size>)")
+
+
+def checked_length(url: str, start: int, end: int, body: bytes) -> bytes:
+    """``body`` if it holds the ``end - start`` bytes asked for, else ShardError."""
+    if len(body) != end - start:
+        raise ShardError(f"short read from {url}{_span(start, end)}: got {len(body)} "
+                         f"of {end - start} bytes")
+    return body
 
 
 class HttpRanges:
@@ -140,30 +163,24 @@ class HttpRanges:
                 "(nginx, Apache, S3, ...)")
         return RemoteError(f"{url}{where}: the server answered {r.status} {r.reason}")
 
+    async def _target(self, url: str) -> str:
+        """The address a GET of ``url`` goes to (messages name ``url`` itself)."""
+        return self.fs.encode_url(url)
+
     async def _get_range(self, session, url: str, start: int, end: int) -> bytes:
         if start >= end:
             return b""
         kw = self._kwargs({"Range": f"bytes={start}-{end - 1}"})
-        async with session.get(self.fs.encode_url(url), **kw) as r:
+        async with session.get(await self._target(url), **kw) as r:
             if r.status != 206:
                 r.close()  # drop the connection: never download a whole-file body
                 raise self._status(r, url, start, end)
-            got = r.headers.get("Content-Range", "")
-            m = _CONTENT_RANGE.fullmatch(got.strip())
-            if not m or (int(m[1]), int(m[2])) != (start, end - 1):
+            bad = content_range_error(url, start, end, r.headers.get("Content-Range", ""))
+            if bad is not None:
                 r.close()
-                if m and int(m[1]) == start and m[3] != "*" and int(m[3]) < end:
-                    raise ShardError(f"range beyond the end of {url}{_span(start, end)}: the "
-                                     f"shard has {m[3]} bytes (truncated or replaced)")
-                raise RangeNotSupported(
-                    f"server ignores Range requests: {url} answered 206 with Content-Range "
-                    f"{got!r} to 'Range: bytes={start}-{end - 1}' (expected bytes "
-                    f"{start}-{end - 1}/<size>)")
+                raise bad
             body = await r.read()
-        if len(body) != end - start:
-            raise ShardError(f"short read from {url}{_span(start, end)}: got {len(body)} "
-                             f"of {end - start} bytes")
-        return body
+        return checked_length(url, start, end, body)
 
     async def _head(self, session, url: str, *_) -> int | None:
         kw = self._kwargs({})
@@ -176,13 +193,23 @@ class HttpRanges:
             return int(n) if n is not None and n.isdigit() else None
 
     # -- attempts ---------------------------------------------------------------------
-    async def _once(self, fn: Callable[..., Awaitable], session, req) -> object:
+    def _transient(self, e: BaseException) -> str | None:
+        """What happened, if ``e`` is a failure worth retrying (a connection that failed
+        or broke, no byte in time); None for any other exception."""
         import aiohttp
+        if isinstance(e, (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                          asyncio.TimeoutError)):
+            return _reason(e, float(self.policy.timeout))
+        return None
+
+    async def _once(self, fn: Callable[..., Awaitable], session, req) -> object:
         try:
             return await fn(session, *req)
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                asyncio.TimeoutError) as e:
-            raise _Transient(_reason(e, float(self.policy.timeout))) from e
+        except Exception as e:  # noqa: BLE001 - sorted by _transient, else re-raised
+            reason = self._transient(e)
+            if reason is None:
+                raise
+            raise _Transient(reason) from e
 
     async def _attempts(self, reqs: list, fn: Callable[..., Awaitable]) -> list:
         """Run ``fn(session, url, start, end)`` for every request, retrying transient
