@@ -102,8 +102,8 @@ def test_ddp_with_the_dali_backend_reads_the_same_slices(data, full_run: Path, t
     _torchrun(data, out, backend="dali")
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == list(range(EPOCHS))
-    # 28 steps of a width-8 model: it learns (chance is 0.1), but where in 0.25-0.45 it ends
-    # depends on the backend's augmentation stream
+    # 28 steps of a width-8 model: it learns (chance is 0.1), but so short a run ends noisily
+    # (0.278 measured once with this backend and the carry-over swdpp)
     assert recs[-1]["test_acc"] > 0.2
     for e in range(EPOCHS):
         a = [i for step in _ids(out, 0)[e] for i in step if i >= 0]
