@@ -112,6 +112,7 @@ def scan_shard(reader: "ShardReader", name: str, read_exts: frozenset = frozense
                 if hdr[345] and hdr[257:263] == b"ustar\0":  # POSIX ustar (GNU uses it otherwise)
                     if len(hdr) < BLOCK:
                         hdr = read_at(pos, BLOCK)
+                        head = BLOCK    # this writer splits names: fetch whole headers from now
                     mname = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + mname
             else:
                 mname = (pax or {}).get("path") or long_name
