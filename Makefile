@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data
 
-.PHONY: setup venv system-deps test demo clean
+.PHONY: setup venv system-deps test demo gpu-check gpu-wheels clean
 
 setup: venv system-deps
 
@@ -26,6 +26,13 @@ test: setup
 
 demo: setup
 	bash scripts/demo.sh
+
+# on a machine with one NVIDIA GPU, no network: wheels carried in wheels/gpu (make gpu-wheels)
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+gpu-wheels:
+	bash scripts/gpu-wheels.sh
 
 clean:
 	rm -rf $(VENV) $(DATA) runs

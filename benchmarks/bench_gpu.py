@@ -1,0 +1,172 @@
+"""GPU loader throughput, side by side in one run (needs one CUDA GPU; run by gpu_check.sh).
+
+    python benchmarks/bench_gpu.py --data /tmp/photos-wds --repeats 3
+
+Rows (imagenet preset: random-resized crop 224, flip, normalize; batch ``--batch``):
+  * ``loader`` / ``loader_k0.7``: pipeline.Loader, DALI backend on ``cuda`` (``mixed``
+    decode of the planned crop window, augmentation on the GPU, batches stay on the GPU),
+    policy full at keep 1.0, uniform at keep 0.7;
+  * ``dali_reader``: DALI ``fn.readers.webdataset`` + ``decoders.image_random_crop``
+    (``mixed``) + ``resize`` + ``crop_mirror_normalize`` on the GPU, output handed to torch
+    on the GPU (no host round trip);
+  * ``tv_cuda``: webdataset + DataLoader (2 workers, raw bytes) + ``torchvision.io.decode_jpeg
+    (device="cuda")`` on the batch + torchvision v2 resized crop / flip / normalize on the GPU.
+One warm-up epoch per row, then ``--repeats`` rounds with the rows interleaved; best and
+median images/s and milliseconds per batch (the GPU synchronised at the end of each epoch).
+A row whose library is missing (DALI not installed) is reported as skipped, not timed.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+SIZE = 224
+
+
+def loader_row(ds, keep: float, batch: int, threads: int):
+    import pipeline
+    L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy="full" if keep >= 1 else "uniform",
+                        epochs=1000, seed=0, backend="dali", device="cuda", augment="imagenet",
+                        options=pipeline.LoaderOptions.of(num_threads=threads))
+    e = [0]
+
+    def run():
+        n = 0
+        for b in L.epoch(e[0]):
+            assert b.images.is_cuda
+            n += int((b.ids >= 0).sum())
+        e[0] += 1
+        return n
+    return run
+
+
+def dali_row(shards, batch: int, threads: int):
+    import torch
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    from pipeline.decode.augment import IMAGENET_MEAN, IMAGENET_STD
+    idx = [s[:-4] + ".idx" for s in shards]
+    pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=0, seed=0, prefetch_queue_depth=2)
+    with pipe:
+        jpg, cls = fn.readers.webdataset(paths=shards, index_paths=idx, ext=["jpg", "cls"],
+                                         random_shuffle=False, name="r")
+        img = fn.decoders.image_random_crop(jpg, device="mixed", output_type=types.RGB)
+        img = fn.resize(img, size=[SIZE, SIZE], antialias=True)
+        img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                       mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                                       mirror=fn.random.coin_flip())
+        pipe.set_outputs(img, cls)
+    pipe.build()
+    total = pipe.epoch_size("r")
+    buf = {}
+
+    def run():
+        n = 0
+        for _ in range(-(-total // batch)):
+            img, cls = pipe.run()
+            t = img.as_tensor()
+            shape = tuple(t.shape())
+            if shape not in buf:
+                buf[shape] = torch.empty(shape, dtype=torch.float32, device="cuda")
+            feed_ndarray(t, buf[shape], cuda_stream=torch.cuda.current_stream())
+            n += len(cls)
+        return min(n, total)
+    return run
+
+
+def tv_row(shards, batch: int, workers: int):
+    import torch
+    import webdataset as wds
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    from pipeline.decode.augment import IMAGENET_MEAN, IMAGENET_STD
+    crop = v2.RandomResizedCrop(SIZE, antialias=True)
+    mean = torch.tensor(IMAGENET_MEAN, device="cuda").view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device="cuda").view(1, 3, 1, 1)
+
+    def raw(sample):
+        jpg, cls = sample
+        return torch.frombuffer(bytearray(jpg), dtype=torch.uint8), int(cls)
+
+    def collate(items):
+        return [x for x, _ in items], torch.tensor([y for _, y in items])
+
+    def run():
+        ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("jpg", "cls").map(raw)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
+        n = 0
+        for data, y in dl:
+            imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+            x = torch.stack([crop(im) for im in imgs]).float()
+            flip = torch.rand(len(x), device="cuda") < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+            x = (x - mean) / std
+            n += len(y)
+        return n
+    return run
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="WebDataset shards written by tools/shard.py")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"])
+    a = ap.parse_args(argv)
+    import torch
+
+    import pipeline
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu: no CUDA GPU visible to torch")
+    ds = pipeline.open_dataset(a.data)
+    shards = sorted(glob.glob(os.path.join(a.data, "*.tar")))
+    make = {"loader": lambda: loader_row(ds, 1.0, a.batch, a.threads),
+            "loader_k0.7": lambda: loader_row(ds, 0.7, a.batch, a.threads),
+            "dali_reader": lambda: dali_row(shards, a.batch, a.threads),
+            "tv_cuda": lambda: tv_row(shards, a.batch, 2)}
+    runs, skipped = {}, {}
+    for r in a.rows:
+        try:
+            runs[r] = make[r]()
+            runs[r]()                                  # warm-up epoch
+            torch.cuda.synchronize()
+        except ImportError as e:
+            skipped[r] = f"skipped: {e}"
+    rows = list(runs)
+    res = {r: [] for r in rows}
+    for k in range(a.repeats):
+        for r in rows[k % max(1, len(rows)):] + rows[:k % max(1, len(rows))]:
+            t = time.perf_counter()
+            n = runs[r]()
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t
+            res[r].append((n / dt, 1e3 * dt / -(-n // a.batch)))
+            print(f"round {k} {r:12s} {n / dt:8.0f} img/s", flush=True)
+    print(f"\nGPU: {torch.cuda.get_device_name(0)}; batch {a.batch}, {len(ds):,} images")
+    print(f"{'row':12s} {'best img/s':>10s} {'median':>8s} {'ms/batch':>9s} {'loader/row':>10s}")
+    base = res.get("loader")
+    for r in rows:
+        ips = [v[0] for v in res[r]]
+        ms = statistics.median(v[1] for v in res[r])
+        rel = (f"{max(v[0] for v in base) / max(ips):.2f}/"
+               f"{statistics.median(v[0] for v in base) / statistics.median(ips):.2f}") if base else "-"
+        print(f"{r:12s} {max(ips):10.0f} {statistics.median(ips):8.0f} {ms:9.1f} {rel:>10s}")
+    for r, why in skipped.items():
+        print(f"{r:12s} {why}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
