@@ -130,14 +130,15 @@ def scan_shard(reader: "ShardReader", name: str, read_exts: frozenset = frozense
                 cur_key, cur = key, {}
                 samples.append((key, cur))
             if ext in read_exts:
-                cur[ext] = (data_at, msize, mname, read_at(data_at, msize))
+                cur[ext] = (data_at, msize, mname, mm[data_at:data_at + msize] if mm is not None
+                            else read_at(data_at, msize))
                 kind_read = msize
             else:
                 cur[ext] = (data_at, msize, mname)
                 kind_read = 0
             kind = ext
         elif typ == _PAX or typ == _LONGNAME:        # applies to the next member
-            blob = read_at(data_at, msize)
+            blob = mm[data_at:data_at + msize] if mm is not None else read_at(data_at, msize)
             if typ == _LONGNAME:
                 long_name = blob.split(b"\0", 1)[0].decode("utf-8", "replace")
             elif b"path=" in blob or b"size=" in blob:  # else (e.g. mtime only) nothing we use
