@@ -16,7 +16,7 @@ mkdir -p "$OUT/dl" "$OUT/data"
 # runtime dependencies that the GPU machine lacks (it has torch, torchvision and numpy).
 "$PIP" download -q --dest "$OUT/dl" --only-binary=:all: --python-version "$PYVER" \
     --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any \
-    nvidia-dali-cuda130==2.4.0 webdataset braceexpand 'zarr>=3.1,<4' fsspec tqdm pyyaml
+    nvidia-dali-cuda130==2.4.0 webdataset braceexpand 'zarr>=3.1,<4' fsspec tqdm pyyaml pytest
 # torch, numpy and the CUDA runtime are there already: never install second copies
 rm -f "$OUT"/dl/torch-* "$OUT"/dl/numpy-* "$OUT"/dl/nvidia_cu*_runtime* "$OUT"/dl/nvidia_cublas*
 ( cd "$OUT/dl" && sha256sum *.whl > ../SHA256SUMS )
