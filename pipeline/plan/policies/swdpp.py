@@ -35,14 +35,18 @@ class SwDPPPolicy(Policy):
     selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
     weight_i = 1 (`weights="none"`) or min(max_weight, (K/N) / p_i) ("importance");
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
-    Every epoch reads exactly K = round(keep N): no full epochs to pay for.
+    Every epoch reads exactly K = round(keep N) (`anneal=0`, no full epochs to pay for).
+    `anneal` > 0: the last ceil(anneal E) epochs train on full data (InfoBatch's annealing)
+    and the others pay for them, K = round(keep' N), keep' = (keep E - F) / (E - F); the
+    sine schedule then spans the E - F pruned epochs.
     """
 
     name = "swdpp"
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0, schedule: str = "sine",
-                 weights: str = "none", max_weight: float = 2.0, mixup: float = 0.0) -> None:
+                 weights: str = "none", max_weight: float = 2.0, mixup: float = 0.0,
+                 anneal: float = 0.0) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -64,13 +68,34 @@ class SwDPPPolicy(Policy):
         self.temperature, self.std_coef, self.floor = float(temperature), float(std_coef), float(floor)
         self.tilt, self.schedule, self.weights = float(tilt), schedule, weights
         self.max_weight, self.mixup = float(max_weight), float(mixup)
+        if not 0.0 <= anneal < 1.0:
+            raise ValueError(f"swdpp anneal (fraction of final full-data epochs) must be in [0, 1), got {anneal!r}")
+        self.anneal, self.pruned_keep, self.pruned_epochs = float(anneal), self.keep, self.epochs
+        if anneal > 0.0 and self.keep < 1.0:
+            if self.epochs is None:
+                raise ValueError("swdpp anneal needs epochs (the full epochs are paid for by the others)")
+            e = self.epochs
+            full = math.ceil(anneal * e)
+            if full >= e or self.keep * e - full <= 0:
+                raise ValueError(f"swdpp keep={self.keep} over {e} epochs leaves nothing for the pruned "
+                                 f"epochs once {full} annealing epoch(s) are paid for; lower anneal")
+            self.pruned_epochs = e - full
+            self.pruned_keep = (self.keep * e - full) / (e - full)
         self._credits = Credits()
+
+    def is_full_epoch(self, epoch: int) -> bool:
+        """keep 1, or one of the last `anneal` epochs."""
+        return self.keep >= 1.0 or (self.anneal > 0.0 and epoch >= self.pruned_epochs)
+
+    def epoch_keep(self, epoch: int) -> float:
+        """keep, or keep' when annealing epochs are paid for (see the class docstring)."""
+        return self.pruned_keep
 
     def probabilities(self, scores: Scores, epoch: int, k: int) -> tuple[np.ndarray, dict[str, Any]]:
         """p float64[N] (sum K, each in [f, 1]) and diagnostics, before the selection."""
         n = len(scores)
         f = self.floor * k / n
-        lam = tilt_strength(epoch, self.epochs, self.tilt, self.schedule)
+        lam = tilt_strength(epoch, self.pruned_epochs, self.tilt, self.schedule)
         info: dict[str, Any] = {"tilt": lam, "p_floor": f}
         if lam <= 0.0 or f >= 1.0:
             return np.full(n, k / n), info
