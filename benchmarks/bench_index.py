@@ -2,8 +2,8 @@
 
     python benchmarks/bench_index.py --shards /tmp/ab/cifar-train --http
 
-Local: samples/s of ``pipeline.formats.index.index`` over the shards (best of
-``--repeats``).  ``--http``: the same shards served by a real nginx on 127.0.0.1 (started
+Local: samples/s of ``pipeline.formats.index.index`` over the shards with 1 and 2 worker
+processes (``--workers``; rows interleaved, best and median of ``--repeats``).  ``--http``: the same shards served by a real nginx on 127.0.0.1 (started
 and stopped here; Debian's nginx), indexed from their URLs; the bytes nginx sent (its
 access log: response bodies, and bodies plus HTTP response headers) against the shards'
 total size, and the number of requests.  ``--repack``: first rewrite the shards with the
@@ -17,6 +17,7 @@ import glob
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,7 +67,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", required=True, help="a directory of .tar shards")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                    help="worker processes for the local rows (rows interleaved in each repeat)")
     ap.add_argument("--http", action="store_true", help="also index them over HTTP (nginx)")
     ap.add_argument("--repack", action="store_true",
                     help="rewrite the shards with webdataset.ShardWriter first (PAX headers)")
@@ -77,19 +79,22 @@ def main() -> None:
         if a.repack:
             shards = _repack(shards, os.path.join(tmp, "repacked"))
         total = sum(os.path.getsize(s) for s in shards)
-        best = 0.0
+        rates: dict[int, list[float]] = {w: [] for w in a.workers}
         for r in range(a.repeats):
-            t = time.perf_counter()
-            s = index(shards, os.path.join(tmp, f"local{r}"), workers=a.workers)
-            best = max(best, s["num_samples"] / (time.perf_counter() - t))
-        print(f"local: {s['num_samples']:,} samples in {len(shards)} shards ({total / 1e6:.1f} MB): "
-              f"best {best:,.0f} samples/s (workers {a.workers})")
+            for w in a.workers:
+                t = time.perf_counter()
+                s = index(shards, os.path.join(tmp, f"local{r}-{w}"), workers=w)
+                rates[w].append(s["num_samples"] / (time.perf_counter() - t))
+                shutil.rmtree(os.path.join(tmp, f"local{r}-{w}"))
+        for w, v in rates.items():
+            print(f"local: {s['num_samples']:,} samples in {len(shards)} shards ({total / 1e6:.1f} MB), "
+                  f"workers {w}: best {max(v):,.0f}, median {statistics.median(v):,.0f} samples/s")
         if a.http:
             proc, url, log = _nginx(os.path.dirname(os.path.abspath(shards[0])), tmp)
             try:
                 urls = [f"{url}/{os.path.basename(p)}" for p in shards]
                 t = time.perf_counter()
-                s = index(urls, os.path.join(tmp, "remote"), workers=max(4, a.workers))
+                s = index(urls, os.path.join(tmp, "remote"), workers=max(4, *a.workers))
                 dt = time.perf_counter() - t
                 time.sleep(0.3)  # nginx writes its log line after the response
                 lines = [line.split() for line in open(log)]

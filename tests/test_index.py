@@ -64,6 +64,33 @@ def test_webdataset_shards_match_the_webdataset_library(wds_shards, tmp_path, la
                            str(tmp_path / "out"), "--no-progress"]).returncode == 0
 
 
+@pytest.mark.parametrize("label", ["cls", "key:^([a-z]+)/"])
+def test_worker_processes_write_what_one_process_writes(wds_shards, jpegs, tmp_path, label):
+    """Local shards indexed by worker processes (each hands its shard back as an .npz):
+    the same manifest and DALI index files, byte for byte, nothing left behind, and a
+    strict error raised in a worker names its shard."""
+    d, _ = wds_shards
+    outs = []
+    for w in (1, 3):
+        out = tmp_path / f"w{w}"
+        s = index(str(d), str(out), label=label, workers=w, fields="json")
+        assert s["num_samples"] == 120 and not s["skipped"]
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file())
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in sorted(d.glob("*.tar")):
+        shutil.copy(p, bad / p.name)
+    pax_tar(bad / "zz-badlabel.tar", [("s0.jpg", jpegs[0][1]), ("s0.cls", b"x")])
+    with pytest.raises(IndexError_, match="zz-badlabel.tar.*not an integer"):
+        index(str(bad), str(tmp_path / "strict"), strict=True, workers=2)
+    s = index(str(bad), str(tmp_path / "lenient"), workers=2)
+    assert s["num_samples"] == 120 and len(s["skipped"]) == 1 and "zz-badlabel.tar" in s["skipped"][0]
+
+
 def test_gnu_tar_long_names_any_member_order(jpegs, tmp_path):
     src = tmp_path / "files"
     key_dir = "a" * 60 + "/" + "b" * 50                   # > 100 characters: GNU long names

@@ -125,7 +125,31 @@ class ShardIndex:
     def idx_text(self) -> str:
         """DALI's webdataset index (v1.2) of the shard, as pipeline/formats/wds.py writes it:
         per sample its members (ext, data offset, size, name)."""
-        return f"v1.2 {len(self.idx_lines)}\n" + "".join(self.idx_lines)
+        return f"v1.2 {len(self.offset)}\n" + "".join(self.idx_lines)
+
+    def save(self, path: str) -> None:
+        """Write to ``path`` (.npz of plain arrays, no pickle): how a worker process hands its
+        shard back."""
+        n = len(self.offset)
+        meta = {"size": self.size, "fetched": self.fetched, "problems": self.problems,
+                "codecs": sorted(self.codecs)}
+        np.savez(path, offset=np.asarray(self.offset, np.int64), length=np.asarray(self.length, np.int64),
+                 label=np.asarray(self.label) if n else np.zeros(0, np.int64),
+                 fields=np.asarray(self.fields, np.int64).reshape(n, -1) if self.fields else np.zeros((n, 0), np.int64),
+                 idx=np.frombuffer("".join(self.idx_lines).encode(), np.uint8),
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+
+    @classmethod
+    def load(cls, path: str) -> "ShardIndex":
+        """Read what :meth:`save` wrote."""
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(z["meta"].tobytes())
+            label = z["label"]
+            return cls(offset=z["offset"], length=z["length"],
+                       label=label.tolist() if label.dtype.kind == "U" else label,
+                       codecs=set(meta["codecs"]), fields=[tuple(map(tuple, r.reshape(-1, 2))) for r in z["fields"]]
+                       if z["fields"].shape[1] else [], idx_lines=[z["idx"].tobytes().decode()],
+                       size=meta["size"], fetched=meta["fetched"], problems=meta["problems"])
 
 
 def _why_skipped(key: str, members: dict, seen: set, fields: tuple[str, ...], label,
@@ -207,6 +231,49 @@ def _index_shard(path: str, label: str, strict: bool, storage_options: dict | No
         r.close()
 
 
+def _index_to_file(path: str, npz: str, label: str, strict: bool, fields: tuple[str, ...]) -> None:
+    """A worker process's job: index one local shard and save it to ``npz``."""
+    _index_shard(path, label, strict, None, fields).save(npz)
+
+
+def _index_all(paths: list[str], out: str, label: str, strict: bool, storage_options: dict | None,
+               fields: tuple[str, ...], workers: int, progress: bool) -> list[ShardIndex]:
+    """Every shard's :class:`ShardIndex`, ``workers`` shards at once: threads for URLs (they
+    wait on the network), processes for local files (the walk is CPU-bound Python, which
+    threads would run on one core).  A worker hands its shard back as an .npz file under
+    ``out`` (plain arrays, no pickle), removed at the end."""
+    import multiprocessing as mp
+    import shutil
+    import tempfile
+    import threading
+    from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+    from itertools import repeat
+
+    from tqdm import tqdm
+
+    workers = max(1, min(int(workers), len(paths)))
+    def bar(it):
+        return tqdm(it, total=len(paths), desc="index", unit="shard") if progress else it
+    if workers == 1 or any(is_url(p) for p in paths):
+        with ThreadPoolExecutor(workers) as pool:
+            one = lambda p: _index_shard(p, label, strict, storage_options, fields)  # noqa: E731
+            return list(bar(pool.map(one, paths)))
+    # fork starts a worker in milliseconds (spawn re-imports numpy: ~0.3 s each), and is safe
+    # while this process runs no other thread (tqdm's monitor only sleeps and reads its own
+    # bars); otherwise spawn
+    others = [t for t in threading.enumerate() if t is not threading.current_thread()
+              and type(t).__name__ != "TMonitor"]
+    single = not others and "fork" in mp.get_all_start_methods()
+    tmp = tempfile.mkdtemp(prefix=".index-", dir=out)
+    try:
+        files = [os.path.join(tmp, f"{i:06d}.npz") for i in range(len(paths))]
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork" if single else "spawn")) as pool:
+            list(bar(pool.map(_index_to_file, paths, files, repeat(label), repeat(strict), repeat(fields))))
+        return [ShardIndex.load(f) for f in files]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def check_fields(fields) -> tuple[str, ...]:
     """``"txt,json"`` or a sequence of member extensions -> a tuple of distinct names."""
     from .header import FIELD_NAME
@@ -230,10 +297,6 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
     skipped and reported (``strict``: refused).  Returns a summary (samples, shards,
     skipped problems, bytes fetched for remote shards).
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
     from .manifest import field_column, write_manifest
 
     fields = check_fields(fields)
@@ -242,10 +305,7 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
         raise IndexError_(f"no shards match {shards!r}")
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
     os.makedirs(out, exist_ok=True)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        one = lambda p: _index_shard(p, label, strict, storage_options, fields)  # noqa: E731
-        results = list(tqdm(pool.map(one, paths), total=len(paths), desc="index", unit="shard",
-                            disable=not progress))
+    results = _index_all(paths, out, label, strict, storage_options, fields, workers, progress)
     entries, idx_entries, problems, fetched, total = [], [], [], 0, 0
     idx_dir = os.path.join(out, "index")
     os.makedirs(idx_dir, exist_ok=True)
@@ -264,12 +324,13 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
     if not n:
         raise IndexError_(f"no sample could be indexed from {len(paths)} shard(s): "
                           + "; ".join(problems[:5]))
-    labels = [v for g in results for v in g.label]
-    if isinstance(labels[0], str):
-        classes = sorted(set(labels))
-        lab = np.searchsorted(np.asarray(classes), np.asarray(labels)).astype(np.int32)
+    labels = [g.label for g in results if len(g.label)]
+    if isinstance(labels[0][0], str):
+        flat = [v for part in labels for v in part]
+        classes = sorted(set(flat))
+        lab = np.searchsorted(np.asarray(classes), np.asarray(flat)).astype(np.int32)
     else:
-        lab = np.asarray(labels, dtype=np.int64)
+        lab = np.concatenate([np.asarray(part, np.int64) for part in labels])
         if lab.min() < 0:
             raise IndexError_(f"negative label {int(lab.min())} in {paths[0]}...")
         classes = [str(c) for c in range(int(lab.max()) + 1)]
@@ -280,8 +341,8 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
               "params": {"indexed": True, "checksums": False, "label": label},
               "created_by": "tools/shard.py index", **({"fields": list(fields)} if fields else {})}
     columns = {"file": np.concatenate([np.full(len(g.offset), fi) for fi, g in enumerate(results)]),
-               "offset": np.fromiter((v for g in results for v in g.offset), np.int64, n),
-               "length": np.fromiter((v for g in results for v in g.length), np.int64, n),
+               "offset": np.concatenate([np.asarray(g.offset, np.int64) for g in results]),
+               "length": np.concatenate([np.asarray(g.length, np.int64) for g in results]),
                "label": lab, "key": np.arange(n), "crc32": np.zeros(n)}
     for j, f in enumerate(fields):  # where each sample's field member lies (its image's shard)
         at = np.asarray([v[j] for g in results for v in g.fields], dtype=np.int64).reshape(n, 2)
