@@ -10,9 +10,11 @@ The backends only *apply* the parameters (DALI: ``fn.slice`` + ``fn.resize`` +
 Parameters per sample (:class:`AugmentParams`): ``anchor (y0, x0)``, ``shape (h, w)``, ``flip``.
   * ``pad_crop`` (cifar): absolute pixel window; ``y0, x0`` in ``[-pad, pad]`` (outside the
     image is zero-padded), ``h, w`` = output size.
-  * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized; the
+  * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized; drawn
+    as torchvision's ``RandomResizedCrop`` does, in pixels, where the caller knows each
+    image's size (the backends read it from the header: formats/imagesize.py); the
     backends turn it into whole pixels with :func:`rrc_pixels` (at least one pixel, inside
-    the image, so that a 1x1 image trains too).
+    the image, so that a 1x1 image trains too), which gives back the drawn pixels.
   * eval / None: unused (zeros).
 Random stream: ``streams.rng(seed, epoch, Stream.AUGMENT, rank, step)``.
 """
@@ -111,9 +113,53 @@ class AugmentParams:
     flip: np.ndarray
 
 
+def _rrc_windows(spec: AugmentSpec, g: np.random.Generator, n: int, hw: np.ndarray | None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Relative random-resized-crop windows ``(anchor, shape)`` float64 ``[n, 2]``.
+
+    Where the image's size is known (``hw[j]`` > 0), torchvision's ``RandomResizedCrop``
+    (and DALI's ``random_crop`` generator): up to 10 attempts at an area in ``scale`` of
+    the image's pixels and an aspect ratio log-uniform in ``ratio`` (width / height, in
+    pixels); the first that fits, else the whole image with its ratio clamped to
+    ``ratio``, centred; the anchor is uniform over the positions where the window fits.
+    Where it is not (a header that does not parse), the first attempt in relative
+    coordinates, clipped to the image (aspect ratios relative to the image's own).  The
+    draws do not depend on ``hw``: the same stream whatever the images."""
+    area = g.uniform(spec.scale[0], spec.scale[1], size=(n, 10))
+    r = np.exp(g.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1]), size=(n, 10)))
+    u = g.uniform(0, 1, size=(n, 2))
+    h = np.clip(np.sqrt(area[:, 0] / r[:, 0]), 0.0, 1.0)
+    w = np.clip(np.sqrt(area[:, 0] * r[:, 0]), 0.0, 1.0)
+    anchor = np.stack([u[:, 0] * (1 - h), u[:, 1] * (1 - w)], axis=1)
+    shape = np.stack([h, w], axis=1)
+    known = np.flatnonzero((hw > 0).all(axis=1)) if hw is not None else np.zeros(0, np.int64)
+    if known.size:
+        H, W = (hw[known, 0:1].astype(np.float64), hw[known, 1:2].astype(np.float64))
+        px = area[known] * H * W
+        cw, ch = np.round(np.sqrt(px * r[known])), np.round(np.sqrt(px / r[known]))
+        fits = (cw > 0) & (ch > 0) & (cw <= W) & (ch <= H)
+        first = fits.argmax(axis=1)
+        pick = np.arange(known.size)
+        ph, pw = ch[pick, first], cw[pick, first]
+        H, W = H[:, 0], W[:, 0]
+        top, left = np.floor(u[known, 0] * (H - ph + 1)), np.floor(u[known, 1] * (W - pw + 1))
+        miss = ~fits.any(axis=1)
+        if miss.any():  # torchvision's fallback: the whole image, ratio clamped, centred
+            ratio = W[miss] / H[miss]
+            lo, hi = spec.ratio
+            fw = np.where(ratio < lo, W[miss], np.where(ratio > hi, np.round(H[miss] * hi), W[miss]))
+            fh = np.where(ratio < lo, np.round(W[miss] / lo), H[miss])
+            ph[miss], pw[miss] = fh, fw
+            top[miss], left[miss] = (H[miss] - fh) // 2, (W[miss] - fw) // 2
+        anchor[known] = np.stack([top / H, left / W], axis=1)
+        shape[known] = np.stack([ph / H, pw / W], axis=1)
+    return anchor, shape
+
+
 def sample_params(spec: AugmentSpec, n: int, seed: int, epoch: int, rank: int,
-                  step: int) -> AugmentParams:
-    """Per-sample augmentation parameters for one batch (see module doc)."""
+                  step: int, hw: np.ndarray | None = None) -> AugmentParams:
+    """Per-sample augmentation parameters for one batch (see module doc); ``hw`` int
+    ``[n, 2]``: each image's (height, width) where known (0: unknown), for "rrc"."""
     anchor = np.zeros((n, 2), dtype=np.float32)
     shape = np.zeros((n, 2), dtype=np.float32)
     flip = np.zeros(n, dtype=np.int32)
@@ -125,14 +171,7 @@ def sample_params(spec: AugmentSpec, n: int, seed: int, epoch: int, rank: int,
     if spec.mode == "pad_crop":
         anchor[:] = g.integers(-spec.pad, spec.pad + 1, size=(n, 2))
     elif spec.mode == "rrc":
-        # relative area and aspect ratio (torchvision draws log-uniform aspect too)
-        area = g.uniform(spec.scale[0], spec.scale[1], size=n)
-        r = np.exp(g.uniform(np.log(spec.ratio[0]), np.log(spec.ratio[1]), size=n))
-        h = np.clip(np.sqrt(area / r), 0.0, 1.0)
-        w = np.clip(np.sqrt(area * r), 0.0, 1.0)
-        anchor[:, 0] = g.uniform(0, 1, size=n) * (1 - h)
-        anchor[:, 1] = g.uniform(0, 1, size=n) * (1 - w)
-        shape[:, 0], shape[:, 1] = h, w
+        anchor[:], shape[:] = _rrc_windows(spec, g, n, hw)
     if spec.flip:
         flip[:] = g.integers(0, 2, size=n)
     return AugmentParams(anchor, shape, flip)

@@ -27,6 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..formats.imagesize import batch_hw
 from ..plan.distributed import dist_env
 from ..read.errors import storage_error
 from ..read.ranges import ReadCounters
@@ -70,7 +71,8 @@ class _Callback:
         if "flip" in self.fields:
             h = table.header
             p = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank,
-                              h.first_step + info.iteration)
+                              h.first_step + info.iteration,
+                              batch_hw(sb.payload) if self.spec.mode == "rrc" else None)
             out.update(anchor=p.anchor, shape=p.shape, flip=p.flip)
         if "length" in self.fields:
             out["length"] = sb.meta["length"].astype(np.float32).reshape(-1, 1)

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..formats.imagesize import batch_hw
 from ..read.ranges import ReadCounters
 from ..read.sniff import PNG_SIGNATURE, plausible_image
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
@@ -117,7 +118,8 @@ class _BatchDataset(torch.utils.data.Dataset):
         table = self.source.table(self.path)
         sb = self.source.batch(table, i)
         h = table.header
-        params = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank, h.first_step + i)
+        params = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank, h.first_step + i,
+                               batch_hw(sb.payload) if self.spec.mode == "rrc" else None)
         t0 = time.perf_counter()
         codec, ch = self.source.codec, self.channels
         checked = not self.source.verify_crc  # the reader sniffed every payload

@@ -1,0 +1,104 @@
+"""Random-resized crops drawn in pixels from each image's header size, as torchvision does
+(pipeline/decode/augment.py, pipeline/formats/imagesize.py)."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.decode.augment import get_augment, rrc_pixels, sample_params
+from pipeline.formats.imagesize import batch_hw, image_hw
+
+SIZES = [(300, 500), (500, 375), (400, 400), (1, 1), (1, 7), (7, 1), (100, 1000), (37, 64)]  # (h, w)
+
+
+def _jpeg(h: int, w: int, **kw) -> bytes:
+    g = np.random.default_rng(h * 7919 + w)
+    buf = io.BytesIO()
+    Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_header_sizes_match_pil_and_dali():
+    from nvidia.dali import fn, pipeline_def
+
+    samples = [_jpeg(h, w) for h, w in SIZES] + [_jpeg(120, 90, progressive=True)]
+    ex = Image.Exif()
+    ex[0x0112] = 6                                   # rotated 90 degrees: decoders swap h and w
+    ex[0x010E] = "x" * 20000                         # a large APP1 before the frame header
+    samples.append(_jpeg(50, 80, exif=ex.tobytes()))
+    buf = io.BytesIO()
+    Image.new("RGB", (33, 21)).save(buf, "PNG")
+    samples.append(buf.getvalue())
+    want = SIZES + [(120, 90), (80, 50), (21, 33)]
+    assert [image_hw(s) for s in samples] == want
+    assert [image_hw(np.frombuffer(s, np.uint8)) for s in samples] == want
+
+    @pipeline_def(batch_size=len(samples), num_threads=1, device_id=None)
+    def peek():
+        return fn.peek_image_shape(fn.external_source(lambda: [np.frombuffer(s, np.uint8) for s in samples],
+                                                      batch=True))
+    p = peek()
+    p.build()
+    dali = [tuple(int(v) for v in np.asarray(t)[:2]) for t in p.run()[0]]
+    assert dali == want                              # DALI's view, EXIF orientation included
+    for bad in (b"", b"not an image", b"\xff\xd8\xff\xda\x00\x02", _jpeg(8, 8)[:20]):
+        assert image_hw(bad) is None
+    hw = batch_hw([np.zeros((5, 7, 3), np.uint8), np.frombuffer(samples[0], np.uint8), b"junk"])
+    assert hw.tolist() == [[5, 7], [300, 500], [0, 0]]
+
+
+def _windows(hw: np.ndarray, seed: int = 0):
+    spec = get_augment("imagenet", True, 3, None)
+    p = sample_params(spec, len(hw), seed, 3, 0, 5, hw)
+    (top, left), (h, w) = rrc_pixels(p.anchor.T, p.shape.T, hw.T.astype(np.float32))
+    return p, top, left, h, w
+
+
+def test_crops_follow_torchvisions_rule_in_pixels():
+    from torchvision.transforms import RandomResizedCrop
+
+    hw = np.array(SIZES * 500, np.int64)
+    p, top, left, h, w = _windows(hw)
+    H, W = hw[:, 0], hw[:, 1]
+    assert (top >= 0).all() and (left >= 0).all() and (h >= 1).all() and (w >= 1).all()
+    assert (top + h <= H).all() and (left + w <= W).all()
+    big = (H >= 300) & (W >= 300)                    # where rounding does not matter
+    ratio = (w / h)[big]
+    assert ratio.min() >= 3 / 4 - 0.01 and ratio.max() <= 4 / 3 + 0.01   # pixel aspect, not relative
+    torch.manual_seed(0)
+    for k, (hh, ww) in enumerate(SIZES):
+        rows = slice(k, None, len(SIZES))
+        ours = (h[rows] * w[rows]).mean() / (hh * ww)
+        ref = np.mean([np.prod(RandomResizedCrop.get_params(torch.empty(1, hh, ww), (0.08, 1.0),
+                                                            (3 / 4, 4 / 3))[2:]) for _ in range(2000)])
+        assert abs(ours - ref / (hh * ww)) < 0.03, (hh, ww, ours, ref / (hh * ww))
+    # no attempt fits a 1x1000 or a 1000x2 image: torchvision's fallback, centred
+    for hh, ww in ((1, 1000), (1000, 2)):
+        ref = RandomResizedCrop.get_params(torch.empty(1, hh, ww), (0.08, 1.0), (3 / 4, 4 / 3))
+        _, t, le, ph, pw = _windows(np.array([[hh, ww]] * 3, np.int64))
+        assert [(int(a), int(b), int(c), int(d)) for a, b, c, d in zip(t, le, ph, pw)] == [tuple(ref)] * 3
+
+
+def test_draws_are_deterministic_and_unknown_sizes_keep_relative_windows():
+    hw = np.array(SIZES * 8, np.int64)
+    a, b = _windows(hw)[0], _windows(hw)[0]
+    assert np.array_equal(a.anchor, b.anchor) and np.array_equal(a.shape, b.shape)
+    assert not np.array_equal(a.anchor, _windows(hw, seed=1)[0].anchor)
+    unknown = hw.copy()
+    unknown[::2] = 0                                  # headers that did not parse
+    c = _windows(unknown)[0]
+    assert np.array_equal(c.anchor[1::2], a.anchor[1::2])   # the others are untouched
+    assert np.array_equal(c.flip, a.flip)
+    assert ((c.anchor[::2] >= 0) & (c.anchor[::2] + c.shape[::2] <= 1 + 1e-6)).all()
+    none = sample_params(get_augment("imagenet", True, 3, None), len(hw), 0, 3, 0, 5)
+    assert np.array_equal(none.anchor[::2], c.anchor[::2])
+
+
+@pytest.mark.parametrize("h, w", [(300, 500), (2, 9)])
+def test_pixels_come_back_exactly(h, w):
+    """Relative windows (float32) turn back into the drawn whole pixels in either backend."""
+    hw = np.tile(np.array([[h, w]]), (4000, 1))
+    p, top, left, ph, pw = _windows(hw)
+    assert np.allclose(p.anchor[:, 0] * h, top, atol=1e-3) and np.allclose(p.shape[:, 1] * w, pw, atol=1e-3)
