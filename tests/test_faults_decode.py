@@ -208,6 +208,31 @@ def test_damaged_jpegs_with_matching_checksums_are_skipped(cifar_wds, tmp_path, 
     assert len(warned) == 4 and not any("DALI pipeline failed" in w for w in warned), warned
 
 
+def test_structure_checked_once_per_sample_and_checksums_every_epoch(cifar_wds, tmp_path, monkeypatch):
+    """With checksums, a payload's structure is looked at once per process (the same CRC is
+    the same bytes); its CRC is still checked on every read: bytes damaged on disk after
+    the first epoch are caught in the second."""
+    import pipeline.read.source as source
+    calls = []
+    real = source.plausible_structure
+    monkeypatch.setattr(source, "plausible_structure", lambda b: calls.append(1) or real(b))
+    shutil.copytree(cifar_wds, tmp_path / "d")
+    ds = pipeline.open_dataset(tmp_path / "d")
+    L = pipeline.Loader(ds, 100, keep=1.0, policy="full", backend="dali", device="cpu",
+                        augment="cifar", num_workers=0)
+    ids = lambda e: np.concatenate([b.ids.numpy() for b in L.epoch(e)])  # noqa: E731
+    assert len(set(ids(0).tolist()) - {-1}) == len(ds) and len(calls) >= len(ds)
+    first = len(calls)
+    i = 321
+    with open(ds.files[int(ds.file[i])], "r+b") as fh:   # damage one payload, CRC unchanged
+        fh.seek(int(ds.offset[i]) + 40)
+        fh.write(b"\x00" * 16)
+    got = ids(1)
+    assert len(calls) == first                            # no second structure check
+    assert i not in got.tolist() and L.stats(1).samples_corrupt == 1
+    L.close()
+
+
 def test_cheap_checks_pass_real_images_and_refuse_damage(cifar_wds):
     from PIL import Image
     ds = pipeline.open_dataset(cifar_wds)

@@ -145,10 +145,12 @@ class PlannedSource:
                                f"{f}.length": _column_ref(fc.length)})
         self._cols: dict | None = None
         self._tables: dict[str, EpochTable] = {}
+        self._num_samples = len(ds)
+        self._structure_ok: np.ndarray | None = None   # per sample: checksum and structure passed
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d.update(_cols=None, _tables={})
+        d.update(_cols=None, _tables={}, _structure_ok=None)
         return d
 
     def _columns(self) -> dict:
@@ -217,7 +219,7 @@ class PlannedSource:
             rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
         fields = {f: [b""] * b for f in self.fields}
         for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
-            if self._damaged(buf, None if crc is None else crc[k]):
+            if self._damaged(buf, None if crc is None else crc[k], int(sel[k])):
                 if valid[j]:  # reported and masked by the main process
                     meta["flag"][j] = Flag.CORRUPT
                 continue  # a bad fill sample: the row keeps the filler (reported where planned)
@@ -259,17 +261,28 @@ class PlannedSource:
         finally:
             probe.close()
 
-    def _damaged(self, buf, crc: int | None) -> bool:
+    def _damaged(self, buf, crc: int | None, sample: int | None = None) -> bool:
         """True when a payload must not reach a decoder: its CRC32 differs from the
         manifest's (or it matches, but a JPEG's marker chain is broken: bytes stored
         damaged, which would crash DALI's decoder), or, with no checksum to verify, it fails
         the cheap look of read/sniff.py (encoded images) or does not parse as the declared
-        pixels.  What fails a structural check gets PIL's second opinion."""
+        pixels.  What fails a structural check gets PIL's second opinion.  A sample whose
+        checksum matched and whose structure passed once is not looked at again in this
+        process: the same checksum means the same bytes."""
         if crc is not None:
             if zlib.crc32(buf) != crc:
                 return True
-            return (self.codec not in ("raw", "npy") and not plausible_structure(buf)
-                    and not pil_decodable(buf))
+            if self.codec in ("raw", "npy"):
+                return False
+            if self._structure_ok is None:
+                self._structure_ok = np.zeros(self._num_samples, dtype=bool)
+            if sample is not None and self._structure_ok[sample]:
+                return False
+            if not (plausible_structure(buf) or pil_decodable(buf)):
+                return True
+            if sample is not None:
+                self._structure_ok[sample] = True
+            return False
         if self.codec not in ("raw", "npy"):
             return not looks_decodable(buf)
         try:
