@@ -23,7 +23,9 @@ import os
 import statistics
 import sys
 import time
+import traceback
 import warnings
+from datetime import date
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -31,10 +33,11 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SIZE = 224
 
 
-def loader_row(ds, keep: float, batch: int, threads: int):
+def loader_row(ds, keep: float, batch: int, threads: int, workers: int | None = None):
     import pipeline
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy="full" if keep >= 1 else "uniform",
                         epochs=1000, seed=0, backend="dali", device="cuda", augment="imagenet",
+                        **({} if workers is None else {"num_workers": workers}),
                         options=pipeline.LoaderOptions.of(num_threads=threads))
     e = [0]
 
@@ -120,10 +123,12 @@ def tv_row(shards, batch: int, workers: int):
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="WebDataset shards written by tools/shard.py")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=8, help="DALI CPU threads (both DALI rows)")
+    ap.add_argument("--tv-workers", type=int, default=4, help="DataLoader workers of tv_cuda")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"])
+    ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"],
+                    help="also: loader_w2 (the Loader with 2 reader processes)")
     a = ap.parse_args(argv)
     import torch
 
@@ -135,28 +140,45 @@ def main(argv=None) -> dict:
     make = {"loader": lambda: loader_row(ds, 1.0, a.batch, a.threads),
             "loader_k0.7": lambda: loader_row(ds, 0.7, a.batch, a.threads),
             "dali_reader": lambda: dali_row(shards, a.batch, a.threads),
-            "tv_cuda": lambda: tv_row(shards, a.batch, 2)}
+            "loader_w2": lambda: loader_row(ds, 1.0, a.batch, a.threads, workers=2),
+            "tv_cuda": lambda: tv_row(shards, a.batch, a.tv_workers)}
     runs, skipped = {}, {}
     for r in a.rows:
         try:
             runs[r] = make[r]()
+            t = time.perf_counter()
             runs[r]()                                  # warm-up epoch
             torch.cuda.synchronize()
+            print(f"warm-up {r:12s} {time.perf_counter() - t:6.1f} s", flush=True)
         except ImportError as e:
+            runs.pop(r, None)
             skipped[r] = f"skipped: {e}"
+        except Exception as e:  # noqa: BLE001 - report the row as failed, time the others
+            traceback.print_exc()
+            runs.pop(r, None)
+            skipped[r] = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
     rows = list(runs)
     res = {r: [] for r in rows}
     for k in range(a.repeats):
         for r in rows[k % max(1, len(rows)):] + rows[:k % max(1, len(rows))]:
+            if r in skipped:
+                continue
             t = time.perf_counter()
-            n = runs[r]()
-            torch.cuda.synchronize()
+            try:
+                n = runs[r]()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                skipped[r] = f"FAILED in round {k}: {type(e).__name__}"
+                continue
             dt = time.perf_counter() - t
             res[r].append((n / dt, 1e3 * dt / -(-n // a.batch)))
             print(f"round {k} {r:12s} {n / dt:8.0f} img/s", flush=True)
-    print(f"\nGPU: {torch.cuda.get_device_name(0)}; batch {a.batch}, {len(ds):,} images")
+    rows = [r for r in rows if res[r]]
+    print(f"\nGPU: {torch.cuda.get_device_name(0)}; batch {a.batch}, {len(ds):,} images, "
+          f"{a.threads} DALI threads, {os.cpu_count()} CPUs; {date.today()}")
     print(f"{'row':12s} {'best img/s':>10s} {'median':>8s} {'ms/batch':>9s} {'loader/row':>10s}")
-    base = res.get("loader")
+    base = res.get("loader") or None
     for r in rows:
         ips = [v[0] for v in res[r]]
         ms = statistics.median(v[1] for v in res[r])

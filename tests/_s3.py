@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from _servers import Server, free_port
+from _servers import Server
 
 ACCESS_KEY, SECRET_KEY = "swdpp-test", "swdpp-test-secret-0123456789"
 
@@ -43,12 +43,26 @@ def _bindable(port: int) -> bool:
             return False
 
 
-def _admin_port() -> int:
-    """A free port whose +10000 (weed's admin gRPC port) is free too."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
+def _free_ports(n: int, rng: random.Random) -> list[int]:
+    """``n`` distinct bindable ports below the kernel's ephemeral range (which starts at
+    32768 by default): an ephemeral port that is free now can be handed to any client
+    socket (s3fs, the tests' own connections) before weed binds it, which made CI's
+    ``weed mini`` die with "bind: address already in use"."""
+    picked: list[int] = []
+    for _ in range(50 * n):
         p = rng.randrange(20000, 30000)
-        if _bindable(p) and _bindable(p + 10000):
+        if p not in picked and p + 10000 not in picked and _bindable(p):
+            picked.append(p)
+            if len(picked) == n:
+                return picked
+    raise RuntimeError(f"no {n} free ports for weed")
+
+
+def _admin_port(rng: random.Random, taken: list[int]) -> int:
+    """A free port whose +10000 (weed's admin gRPC port) is free too."""
+    for _ in range(200):
+        p = rng.randrange(20000, 22768)
+        if p not in taken and p + 10000 not in taken and _bindable(p) and _bindable(p + 10000):
             return p
     raise RuntimeError("no free port pair for weed's admin server")
 
@@ -83,18 +97,38 @@ class S3Server(Server):
         return s3fs.S3FileSystem(skip_instance_cache=True, **self.storage_options)
 
 
-def start_weed(tmp: Path, buckets: tuple[str, ...] = ("data",), timeout: float = 60.0) -> S3Server:
+def start_weed(tmp: Path, buckets: tuple[str, ...] = ("data",), timeout: float = 60.0,
+               attempts: int = 3) -> S3Server:
     """Start ``weed mini`` on 127.0.0.1 with data in ``tmp`` and wait until its S3 gateway
-    answers a signed request; raise RuntimeError (with its log) if it does not."""
+    answers a signed request; raise RuntimeError (with its log) if it does not.  A port
+    taken between choosing it and weed binding it (weed exits: "address already in use")
+    is retried with new ports, ``attempts`` times in all."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_weed_once(tmp / f"try{attempt}" if attempt > 1 else tmp, buckets,
+                                    timeout, rng)
+        except _PortTaken as e:
+            if attempt == attempts:
+                raise RuntimeError(f"weed mini could not bind its ports in {attempts} tries: "
+                                   f"{e}") from None
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
+def _start_weed_once(tmp: Path, buckets: tuple[str, ...], timeout: float,
+                     rng: random.Random) -> S3Server:
     tmp.mkdir(parents=True, exist_ok=True)
     conf = tmp / "s3.json"
     conf.write_text(json.dumps({"identities": [{
         "name": "tester", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    ports = {k: free_port() for k in ("master.port", "master.port.grpc", "volume.port",
-                                      "volume.port.grpc", "filer.port", "filer.port.grpc",
-                                      "s3.port", "s3.port.grpc", "metricsPort")}
-    admin = _admin_port()
+    names = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "metricsPort")
+    ports = dict(zip(names, _free_ports(len(names), rng)))
+    admin = _admin_port(rng, list(ports.values()))
     cmd = [weed_binary(), "mini", f"-dir={tmp / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            *(f"-{k}={v}" for k, v in ports.items()), f"-admin.port={admin}",
            f"-admin.port.grpc={admin + 10000}", "-admin.ui=false", "-webdav=false",
@@ -109,7 +143,11 @@ def start_weed(tmp: Path, buckets: tuple[str, ...] = ("data",), timeout: float =
     last = None
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"weed mini exited ({proc.returncode}): {log.read_text()[-2000:]}")
+            text = log.read_text(errors="replace")
+            if "address already in use" in text:
+                line = next(x for x in text.splitlines() if "address already in use" in x)
+                raise _PortTaken(line.strip())
+            raise RuntimeError(f"weed mini exited ({proc.returncode}): {text[-2000:]}")
         try:
             fs = server.fs()
             if all(fs.exists(b) for b in buckets):
