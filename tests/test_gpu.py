@@ -100,3 +100,21 @@ def test_gpu_resume_replays_the_same_crops(photos_wds):
     for (wi, wx), (ri, rx) in zip(whole[2:], rest):
         assert torch.equal(wi, ri)
         assert float((wx - rx).abs().max()) < 1e-4
+
+
+def test_gpu_batches_kept_by_the_caller_never_change(cifar_test_wds):
+    """DALI's GPU output buffers go to torch through DLPack, without a copy: kept batches
+    stay as they were delivered while the pipeline runs on."""
+    ds = pipeline.open_dataset(cifar_test_wds)
+    L = pipeline.Loader.for_eval(ds, 100, augment="cifar", backend="dali", device="cuda",
+                                 num_workers=1)
+    kept, copies = [], []
+    for e in range(2):
+        for b in L.epoch(e):
+            assert b.images.is_cuda
+            kept.append(b)
+            copies.append(b.images.clone())
+    torch.cuda.synchronize()
+    for b, c in zip(kept, copies):
+        torch.testing.assert_close(b.images, c, rtol=0, atol=0)
+    L.close()

@@ -284,3 +284,34 @@ def test_ranks_disjoint_and_complete(cifar_wds):
             got.append(ids[ids >= 0])
     assert not set(got[0]) & set(got[1])
     assert len(got[0]) + len(got[1]) == 1400
+
+
+def test_packed_rows_reused_hold_each_payload_then_zeros(cifar_wds, tmp_path):
+    """Packed batches share one buffer per process: every row is its sample's bytes and
+    then zeros, also where a longer payload of an earlier batch sat in that row, and a
+    padding row (filler) too."""
+    from pipeline.read.table import EpochTable, TableHeader
+    ds = pipeline.open_dataset(cifar_wds)
+    L = pipeline.Loader(ds, batch_size=32, keep=1.0, policy="full", epochs=1, backend="dali",
+                        num_workers=0, device="cpu")
+    src = L._backend.config.source
+    width = src.packed_len()
+    assert width
+    by_len = np.argsort(-np.asarray(ds.length))            # longest payloads first
+    ids = np.stack([by_len[:32], by_len[-32:], by_len[100:132]])
+    ids[2, 5] = -1                                          # a padding row with the filler
+    fill = np.full_like(ids, -1)
+    table = EpochTable.publish(str(tmp_path / "t.npy"), np.stack([ids, fill], axis=1),
+                               TableHeader(epoch=0, first_step=0, rank=0, seed=0))
+    bufs = []
+    for i in range(3):
+        sb = src.batch(table, i, width)
+        assert sb.payload.shape == (32, width)
+        for j, sample in enumerate(ids[i].tolist()):
+            want = bytes(src.filler) if sample < 0 else src.read_samples(np.array([sample]))[0][0]
+            row = sb.payload[j]
+            assert bytes(row[:len(want)]) == want and not row[len(want):].any(), (i, j)
+            assert sb.meta["length"][j] == len(want)
+        bufs.append(sb.payload.__array_interface__["data"][0])
+    assert len(set(bufs)) == 1                              # one buffer, reused
+    L.close()

@@ -130,7 +130,7 @@ class Dataset:
     length: np.ndarray          # payload bytes
     labels: np.ndarray
     keys: np.ndarray            # position of the sample in the source's own order
-    crc32: np.ndarray           # zlib.crc32 of the payload
+    crc32: np.ndarray           # CRC-32 (zlib's) of the payload (formats/checksum.py)
     shapes: np.ndarray | None = None     # (N,3) H,W,C; only when sizes differ
     field_columns: Mapping[str, FieldColumns] = field(default_factory=dict)  # header "fields"
     storage_options: dict[str, Any] | None = None   # fsspec options of a remote root (s3 keys)

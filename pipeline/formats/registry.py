@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from . import images as imgs
 from . import wds as wds_mod
 from . import zarr_store
 from .errors import ConvertError, VerifyError
+from .checksum import crc32
 
 if TYPE_CHECKING:        # type hints only: manifest imports this module
     from .manifest import Dataset
@@ -225,7 +225,7 @@ class WdsFormat(Format):
         res = wds_mod.write_tar(os.path.join(task.out, rel), samples)
         idx_rel = wds_mod.index_path(rel)
         wds_mod.write_index(os.path.join(task.out, idx_rel), res.index_text)
-        crcs = np.asarray([zlib.crc32(s.payload) for s in samples], np.int64)
+        crcs = np.asarray([crc32(s.payload) for s in samples], np.int64)
         idx_bytes = res.index_text.encode()
         entry = {"path": rel, "size": res.size, "sha256": res.sha256,
                  "index": {"path": idx_rel, "size": len(idx_bytes),
@@ -329,7 +329,7 @@ class ZarrFormat(Format):
                 block[j] = _resized(src[key], task.resize)
         rel, offsets, lengths, size, sha = zarr_store.write_shard(
             task.out, task.k, int(task.ids[0]), block, task.samples_per_shard)
-        crcs = np.asarray([zlib.crc32(block[j]) for j in range(n)], np.int64)
+        crcs = np.asarray([crc32(block[j]) for j in range(n)], np.int64)
         shapes = np.tile(np.asarray([h, w, c], np.int64), (n, 1))
         return ShardOutput(offsets, lengths, crcs, shapes, {"path": rel, "size": size,
                                                             "sha256": sha})

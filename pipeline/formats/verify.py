@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 
 import numpy as np
 
@@ -11,6 +10,7 @@ from .errors import VerifyError
 from .header import ManifestError
 from .manifest import open_dataset
 from .registry import FORMATS
+from .checksum import crc32
 
 __all__ = ["verify", "VerifyError"]
 
@@ -56,7 +56,7 @@ def verify(out: str | os.PathLike, *, progress: bool = False,
         for i in rows:
             off, ln = int(ds.offset[i]), int(ds.length[i])
             payload = view[off: off + ln]
-            if len(payload) != ln or (ds.has_checksums and zlib.crc32(payload) != int(ds.crc32[i])):
+            if len(payload) != ln or (ds.has_checksums and crc32(payload) != int(ds.crc32[i])):
                 raise VerifyError(f"shard {path}: sample {i} (offset {off}) has a bad checksum")
             fmt.check_sample(ds, int(i), view, off, path)
             checked += 1

@@ -9,12 +9,12 @@ stage is a :class:`SourceBatch`: the encoded payloads (or raw pixels) and one
 from __future__ import annotations
 
 import io
-import zlib
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
 
+from ..formats.checksum import crc32
 from .reader import RangeReader
 from .sniff import looks_decodable, pil_decodable, plausible_structure
 from .table import EpochTable
@@ -104,6 +104,34 @@ class BadSamples:
         return np.flatnonzero(np.asarray(self.mask)).astype(np.int64)
 
 
+class _PackedRows:
+    """The reusable ``[B, L]`` uint8 buffer of packed batches, one per process.
+
+    A fresh zeroed array per batch costs page faults on every batch (tens of MB a batch
+    for photographs); the consumers copy a batch before asking for the next one (DALI's
+    ``feed_input`` copies, a parallel worker serialises it into shared memory), so one
+    buffer serves every batch.  After its payload each row holds zeros, as a fresh array
+    would: what an earlier, longer payload left there is cleared."""
+
+    def __init__(self):
+        self.buf: np.ndarray | None = None
+        self.used: np.ndarray | None = None   # per row: bytes an earlier batch may have left
+
+    def take(self, b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The buffer, and per row how many bytes of it an earlier batch may have left."""
+        if self.buf is None or self.buf.shape != (b, width):
+            self.buf = np.zeros((b, width), dtype=np.uint8)
+            self.used = np.zeros(b, dtype=np.int64)
+        stale, self.used = self.used, np.full(b, width, dtype=np.int64)  # until finish()
+        return self.buf, stale
+
+    def finish(self, before: np.ndarray, lengths: np.ndarray) -> None:
+        """Clear each row past its new payload, up to what the earlier batch left there."""
+        for j in np.flatnonzero(before > lengths).tolist():
+            self.buf[j, lengths[j]:before[j]] = 0
+        self.used = np.array(lengths, dtype=np.int64)
+
+
 def _column_ref(a: np.ndarray):
     """A memory-mapped manifest column travels as its path (cheap to pickle); else the array."""
     if isinstance(a, np.memmap) and getattr(a, "filename", None):
@@ -147,10 +175,11 @@ class PlannedSource:
         self._tables: dict[str, EpochTable] = {}
         self._num_samples = len(ds)
         self._structure_ok: np.ndarray | None = None   # per sample: checksum and structure passed
+        self._packed = _PackedRows()
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d.update(_cols=None, _tables={}, _structure_ok=None)
+        d.update(_cols=None, _tables={}, _structure_ok=None, _packed=_PackedRows())
         return d
 
     def _columns(self) -> dict:
@@ -203,14 +232,16 @@ class PlannedSource:
         lengths = np.asarray(cols["length"][sel])
         crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
         extra: list[list] = []
+        if packed_len:
+            payload, stale = self._packed.take(b, packed_len)
         if self.fields:  # each sample's members in one request where they are adjacent
             rows, extra = self._read_with_fields(cols, sel)
-            payload = np.zeros((b, packed_len), dtype=np.uint8) if packed_len else [self.filler] * b
-            if packed_len:
+            if not packed_len:
+                payload = [self.filler] * b
+            else:
                 for j, buf in zip(want.tolist(), rows):
                     payload[j, :len(buf)] = np.frombuffer(buf, dtype=np.uint8)
         elif packed_len:
-            payload = np.zeros((b, packed_len), dtype=np.uint8)
             self.reader.read_into(cols["file"][sel], cols["offset"][sel], lengths, payload, want, sel)
         else:
             rows = self.reader.read(cols["file"][sel], cols["offset"][sel], lengths, sel)
@@ -236,6 +267,8 @@ class PlannedSource:
         table.record(i, self.reader.counters - before)
         meta["length"] = len(self.filler)
         meta["length"][got] = np.asarray(cols["length"][src[got]])
+        if packed_len:
+            self._packed.finish(stale, meta["length"].astype(np.int64))
         return SourceBatch(payload, meta, fields)
 
     def _read_with_fields(self, cols: dict, sel: np.ndarray) -> tuple[list, list[list]]:
@@ -270,7 +303,7 @@ class PlannedSource:
         checksum matched and whose structure passed once is not looked at again in this
         process: the same checksum means the same bytes."""
         if crc is not None:
-            if zlib.crc32(buf) != crc:
+            if crc32(buf) != crc:
                 return True
             if self.codec in ("raw", "npy"):
                 return False
