@@ -5,11 +5,12 @@
 Rows (imagenet preset: random-resized crop 224, flip, normalize; batch ``--batch``):
   * ``loader`` / ``loader_k0.7``: pipeline.Loader, DALI backend on ``cuda`` (``mixed``
     decode of the planned crop window, augmentation on the GPU, batches stay on the GPU),
-    policy full at keep 1.0, uniform at keep 0.7;
+    policy full at keep 1.0, uniform at keep 0.7; suffixes ``_wN`` (reader processes) and
+    ``_tN`` (DALI threads) override the Loader's defaults, e.g. ``loader_w4_t8``;
   * ``dali_reader``: DALI ``fn.readers.webdataset`` + ``decoders.image_random_crop``
     (``mixed``) + ``resize`` + ``crop_mirror_normalize`` on the GPU, output handed to torch
     on the GPU (no host round trip);
-  * ``tv_cuda``: webdataset + DataLoader (2 workers, raw bytes) + ``torchvision.io.decode_jpeg
+  * ``tv_cuda``: webdataset + DataLoader (``--tv-workers``, raw bytes) + ``torchvision.io.decode_jpeg
     (device="cuda")`` on the batch + torchvision v2 resized crop / flip / normalize on the GPU.
 One warm-up epoch per row, then ``--repeats`` rounds with the rows interleaved; best and
 median images/s and milliseconds per batch (the GPU synchronised at the end of each epoch).
@@ -33,12 +34,12 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SIZE = 224
 
 
-def loader_row(ds, keep: float, batch: int, threads: int, workers: int | None = None):
+def loader_row(ds, keep: float, batch: int, threads: int | None, workers: int | None = None):
     import pipeline
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy="full" if keep >= 1 else "uniform",
                         epochs=1000, seed=0, backend="dali", device="cuda", augment="imagenet",
                         **({} if workers is None else {"num_workers": workers}),
-                        options=pipeline.LoaderOptions.of(num_threads=threads))
+                        options=pipeline.LoaderOptions.of(num_threads=threads))  # None: defaults
     e = [0]
 
     def run():
@@ -124,11 +125,12 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="WebDataset shards written by tools/shard.py")
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=8, help="DALI CPU threads (both DALI rows)")
+    ap.add_argument("--threads", type=int, default=8, help="DALI CPU threads of the dali_reader row")
     ap.add_argument("--tv-workers", type=int, default=4, help="DataLoader workers of tv_cuda")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"],
-                    help="also: loader_w2 (the Loader with 2 reader processes)")
+                    help="loader rows take _kKEEP, _wWORKERS (reader processes), _tTHREADS (DALI "
+                         "threads) suffixes, else the Loader's defaults: loader_k0.7, loader_w4_t8")
     a = ap.parse_args(argv)
     import torch
 
@@ -137,11 +139,14 @@ def main(argv=None) -> dict:
         sys.exit("bench_gpu: no CUDA GPU visible to torch")
     ds = pipeline.open_dataset(a.data)
     shards = sorted(glob.glob(os.path.join(a.data, "*.tar")))
-    make = {"loader": lambda: loader_row(ds, 1.0, a.batch, a.threads),
-            "loader_k0.7": lambda: loader_row(ds, 0.7, a.batch, a.threads),
-            "dali_reader": lambda: dali_row(shards, a.batch, a.threads),
-            "loader_w2": lambda: loader_row(ds, 1.0, a.batch, a.threads, workers=2),
+    make = {"dali_reader": lambda: dali_row(shards, a.batch, a.threads),
             "tv_cuda": lambda: tv_row(shards, a.batch, a.tv_workers)}
+    for r in a.rows:  # loader[_kKEEP][_wWORKERS][_tTHREADS], e.g. loader_k0.7, loader_w4_t8
+        if r.startswith("loader"):
+            o = {t[0]: t[1:] for t in r.split("_")[1:]}
+            make[r] = (lambda o: lambda: loader_row(
+                ds, float(o.get("k", 1.0)), a.batch, int(o["t"]) if "t" in o else None,
+                int(o["w"]) if "w" in o else None))(o)
     runs, skipped = {}, {}
     for r in a.rows:
         try:

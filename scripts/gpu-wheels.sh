@@ -18,6 +18,8 @@ BUNDLE="${BUNDLE:-58}"
 OUT=wheels/gpu
 PIP="${PIP:-.venv/bin/pip}"
 rm -rf "$OUT" && mkdir -p "$OUT/dl"
+# the zarr the tests ran with here (newer ones need packages the GPU image lacks)
+ZARR=$("${PIP%/pip}/python" -c 'import zarr; print(zarr.__version__)' 2>/dev/null || echo 3.1.6)
 # DALI for CUDA 13 (the lent machines' driver), each of its requirements that the GPU
 # machine's image lacks (nvImageCodec + nvJPEG for decoding, nvCOMP, the graph tooling),
 # and the project's runtime dependencies missing there.  --no-deps: the image already has
@@ -28,7 +30,7 @@ rm -rf "$OUT" && mkdir -p "$OUT/dl"
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any \
     nvidia-dali-cuda130==2.4.0 'nvidia-nvimgcodec-cu13>=0.9,<0.10' nvidia-libnvcomp-cu13==5.3.0.16 \
     'nvidia-nvjpeg>=13,<14' astunparse gast optree nvtx makefun 'libcst~=1.8' \
-    webdataset braceexpand 'zarr>=3.1,<4' numcodecs donfig crc32c
+    webdataset braceexpand "zarr==$ZARR" numcodecs donfig crc32c zlib-ng
 data="${SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.gz"
 [ -f "$data" ] && mkdir -p "$OUT/dl/data" && cp "$data" "$OUT/dl/data/"
 ( cd "$OUT/dl" && sha256sum *.whl data/* 2>/dev/null > ../SHA256SUMS )

@@ -19,6 +19,7 @@ pipeline is rebuilt; the epoch carries on from the first undelivered batch.
 """
 from __future__ import annotations
 
+import collections
 import os
 import warnings
 import weakref
@@ -55,16 +56,18 @@ class _Callback:
     """
 
     def __init__(self, source, spec: AugmentSpec, prefix: str, fields: tuple[str, ...],
-                 packed_len: int | None, stack: bool):
+                 packed_len: int | None, stack: bool, ring: int = 1, keep: bool = False):
         self.source, self.spec, self.prefix, self.fields = source, spec, prefix, fields
         self.packed_len, self.stack = packed_len, stack
+        self.ring = ring  # packed buffers in rotation (see _build)
+        self.keep = keep  # main-process source (no_copy): keep the last `ring` batches alive
         # the reader process set-up (procs.py) for spawned workers, where no fork hook runs
         self.parent = (os.getpid(), die_with_parent_default())
 
     def __call__(self, info):
         init_reader_process(*self.parent)  # once per process; a no-op in the main process
         table = self.source.table(f"{self.prefix}{info.epoch_idx}.npy")
-        sb = self.source.batch(table, info.iteration, self.packed_len)
+        sb = self.source.batch(table, info.iteration, self.packed_len, ring=self.ring)
         out = {"payload": np.stack(sb.payload) if self.stack else sb.payload,
                "meta": meta_to_array(sb.meta)}
         if "flip" in self.fields:
@@ -77,7 +80,11 @@ class _Callback:
             out["length"] = sb.meta["length"].astype(np.float32).reshape(-1, 1)
         for name, values in sb.fields.items():  # ragged uint8 rows, passed through the graph
             out[FIELD_PREFIX + name] = [np.frombuffer(v, dtype=np.uint8) for v in values]
-        return tuple(out[f] for f in self.fields)
+        res = tuple(out[f] for f in self.fields)
+        if self.keep:  # DALI reads these arrays in place: alive and unchanged until consumed
+            recent = self.__dict__.setdefault("_recent", collections.deque(maxlen=self.ring))
+            recent.append(res)
+        return res
 
 
 def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool = False):
@@ -144,14 +151,25 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
                 "shape": types.FLOAT, "flip": types.INT32, "length": types.FLOAT}
     dtype_of.update({FIELD_PREFIX + name: types.UINT8 for name in cfg.source.fields})
     workers = cfg.num_workers
+    # The callback's packed batches rotate through a ring of buffers (read/source.py)
+    # instead of a fresh allocation each.  A buffer is reused only when DALI is done with
+    # it: in the main process DALI decodes the arrays in place (no_copy: no copy of every
+    # batch's bytes into its own buffers) and may hold them until `prefetch` iterations
+    # after the call; a reader process hands its results to a thread that copies them into
+    # shared memory later, with at most `prefetch` batches of the source in flight (one
+    # shared-memory chunk each).  So `prefetch` + 3 buffers, and in the main process the
+    # callback keeps as many recent batches alive.
+    ring = cfg.prefetch + 3
     pipe = Pipeline(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
                     device_id=device_id if gpu else None, seed=cfg.seed,
                     py_num_workers=max(1, workers), py_start_method=start_method,
                     prefetch_queue_depth=cfg.prefetch, exec_dynamic=True)
     with pipe:
         outs = fn.external_source(
-            source=_Callback(cfg.source, spec, prefix, fields, packed_len, stack),
+            source=_Callback(cfg.source, spec, prefix, fields, packed_len, stack, ring,
+                             keep=workers == 0),
             num_outputs=len(fields), batch=True, batch_info=True, parallel=workers > 0,
+            no_copy=True,
             **({"prefetch_queue_depth": cfg.prefetch} if workers > 0 else {}),
             dtype=[dtype_of[f] for f in fields])
         node = dict(zip(fields, outs))

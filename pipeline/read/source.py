@@ -105,31 +105,37 @@ class BadSamples:
 
 
 class _PackedRows:
-    """The reusable ``[B, L]`` uint8 buffer of packed batches, one per process.
+    """The reusable ``[B, L]`` uint8 buffers of packed batches, a ring of them per process.
 
     A fresh zeroed array per batch costs page faults on every batch (tens of MB a batch
-    for photographs); the consumers copy a batch before asking for the next one (DALI's
-    ``feed_input`` copies, a parallel worker serialises it into shared memory), so one
-    buffer serves every batch.  After its payload each row holds zeros, as a fresh array
-    would: what an earlier, longer payload left there is cleared."""
+    for photographs).  A consumer that copies a batch before asking for the next one (a
+    parallel DALI worker serialises it into shared memory) needs a ring of one; DALI's
+    main-process source, which decodes from the buffer itself (``no_copy``), needs as
+    many as it may hold (dali_backend.py says how many).  After its payload each row holds
+    zeros, as a fresh array would: what an earlier, longer payload left there is cleared."""
 
     def __init__(self):
-        self.buf: np.ndarray | None = None
-        self.used: np.ndarray | None = None   # per row: bytes an earlier batch may have left
+        self.bufs: list[np.ndarray] = []
+        self.used: list[np.ndarray] = []   # per buffer and row: bytes an earlier batch may have left
+        self.cur = 0
 
-    def take(self, b: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        """The buffer, and per row how many bytes of it an earlier batch may have left."""
-        if self.buf is None or self.buf.shape != (b, width):
-            self.buf = np.zeros((b, width), dtype=np.uint8)
-            self.used = np.zeros(b, dtype=np.int64)
-        stale, self.used = self.used, np.full(b, width, dtype=np.int64)  # until finish()
-        return self.buf, stale
+    def take(self, b: int, width: int, ring: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """The next buffer of the ring, and per row how many of its bytes may be stale."""
+        if len(self.bufs) != ring or self.bufs[0].shape != (b, width):
+            self.bufs = [np.zeros((b, width), dtype=np.uint8) for _ in range(ring)]
+            self.used = [np.zeros(b, dtype=np.int64) for _ in range(ring)]
+            self.cur = ring - 1
+        self.cur = (self.cur + 1) % ring
+        stale = self.used[self.cur]
+        self.used[self.cur] = np.full(b, width, dtype=np.int64)  # until finish()
+        return self.bufs[self.cur], stale
 
     def finish(self, before: np.ndarray, lengths: np.ndarray) -> None:
         """Clear each row past its new payload, up to what the earlier batch left there."""
+        buf = self.bufs[self.cur]
         for j in np.flatnonzero(before > lengths).tolist():
-            self.buf[j, lengths[j]:before[j]] = 0
-        self.used = np.array(lengths, dtype=np.int64)
+            buf[j, lengths[j]:before[j]] = 0
+        self.used[self.cur] = np.array(lengths, dtype=np.int64)
 
 
 def _column_ref(a: np.ndarray):
@@ -206,7 +212,8 @@ class PlannedSource:
             return None
         return max(top, len(self.filler))  # padding rows carry the filler
 
-    def batch(self, table: EpochTable, i: int, packed_len: int | None = None) -> SourceBatch:
+    def batch(self, table: EpochTable, i: int, packed_len: int | None = None,
+              ring: int = 1) -> SourceBatch:
         """Batch ``i`` of ``table``; records its reads in the table.  Raises StopIteration
         past the table's limit (DALI prefetches past the end)."""
         if i >= table.limit:
@@ -233,7 +240,7 @@ class PlannedSource:
         crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
         extra: list[list] = []
         if packed_len:
-            payload, stale = self._packed.take(b, packed_len)
+            payload, stale = self._packed.take(b, packed_len, ring)
         if self.fields:  # each sample's members in one request where they are adjacent
             rows, extra = self._read_with_fields(cols, sel)
             if not packed_len:
