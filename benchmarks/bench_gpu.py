@@ -131,6 +131,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"],
                     help="loader rows take _kKEEP, _wWORKERS (reader processes), _tTHREADS (DALI "
                          "threads) suffixes, else the Loader's defaults: loader_k0.7, loader_w4_t8")
+    ap.add_argument("--profile", metavar="ROW", help="after the table: cProfile of ROW's main thread, 2 epochs")
     a = ap.parse_args(argv)
     import torch
 
@@ -192,6 +193,19 @@ def main(argv=None) -> dict:
         print(f"{r:12s} {max(ips):10.0f} {statistics.median(ips):8.0f} {ms:9.1f} {rel:>10s}")
     for r, why in skipped.items():
         print(f"{r:12s} {why}")
+    if a.profile in runs:
+        import cProfile
+        import io
+        import pstats
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(2):
+            runs[a.profile]()
+        torch.cuda.synchronize()
+        pr.disable()
+        out = io.StringIO()
+        pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
+        print(f"\nmain thread of {a.profile}, 2 epochs:" + out.getvalue().split("\n\n", 1)[-1])
     return res
 
 

@@ -30,21 +30,26 @@ install_wheels() {  # $1: target dir; the rest: wheels
 }
 
 photos() {
-    # the small wheels of b1 (webdataset, zarr, ...) are enough to build the shards
-    local site=/tmp/gpu-photos-site
-    install_wheels "$site" $(ls "$W"/b1/*.whl 2>/dev/null | grep -v nvidia_) || return 1
-    local src
-    src=$(ls "$W"/b*/data/cifar10-jpeg.tar.gz "${SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.gz" 2>/dev/null | head -1)
+    # from a copy of the checkout: each call to the GPU machine lays the working tree anew,
+    # which a background build reading the tree would trip over
+    local repo=/tmp/gpu-repo site=/tmp/gpu-photos-site src
+    rm -rf "$repo" && mkdir -p "$repo" && cp -r pipeline tools benchmarks "$repo/" || return 1
+    src=$(ls "$PWD/$W"/b*/data/cifar10-jpeg.tar.gz "${SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.gz" 2>/dev/null | head -1)
     [ -n "$src" ] || { echo "gpu-check: no cifar10-jpeg.tar.gz (bundle b1 or SHARED_DATA)"; return 1; }
-    PYTHONPATH="$site:$PWD" "$PY" benchmarks/make_photos.py --src "$src" --out "$PHOTOS" \
-        --count "$COUNT" --workers "$NPROC" || return 1
-    PYTHONPATH="$site:$PWD" "$PY" tools/shard.py "$PHOTOS/train" "$PHOTOS-wds" --format wds \
-        --samples-per-shard 500 --workers "$NPROC" --no-progress || return 1
+    cp "$src" "$repo/cifar10-jpeg.tar.gz"
+    # the small wheels of b1 (webdataset, zarr, ...) are enough to build the shards
+    [ -n "${SKIP_INSTALL:-}" ] || install_wheels "$site" $(ls "$W"/b1/*.whl 2>/dev/null | grep -v nvidia_) || return 1
+    ( cd "$repo" && export PYTHONPATH="$site:$repo" &&
+      "$PY" benchmarks/make_photos.py --src cifar10-jpeg.tar.gz --out "$PHOTOS" --count "$COUNT" --workers "$NPROC" &&
+      "$PY" tools/shard.py "$PHOTOS/train" "$PHOTOS-wds" --format wds --samples-per-shard 500 \
+          --workers "$NPROC" --no-progress ) || return 1
     touch "$PHOTOS-wds.done"
 }
 
 if [ "${1:-}" = photos ]; then
+    echo $$ > /tmp/gpu-photos.pid
     photos > /tmp/gpu-photos.log 2>&1; echo "photos exit $?" >> /tmp/gpu-photos.log
+    rm -f /tmp/gpu-photos.pid
     exit 0
 fi
 
@@ -68,20 +73,20 @@ export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 # real data: the CIFAR-10 JPEGs -> the tests' shards, and the photos for the benchmark
 export SHARED_DATA="${SHARED_DATA:-$(dirname "$(ls "$W"/b*/data/cifar10-jpeg.tar.gz 2>/dev/null | head -1)")}"
+if [ ! -f "$PHOTOS-wds.done" ] && [ -f /tmp/gpu-photos.pid ] && kill -0 "$(cat /tmp/gpu-photos.pid)" 2>/dev/null; then
+    echo "== waiting for the photos started earlier ($(left) s left)"
+    while kill -0 "$(cat /tmp/gpu-photos.pid 2>/dev/null)" 2>/dev/null && [ "$(left)" -gt 60 ]; do sleep 1; done
+fi
 if [ ! -f "$PHOTOS-wds.done" ]; then
-    if pgrep -f "gpu_check.sh photos" >/dev/null; then     # started earlier in the background
-        echo "== waiting for the photos ($(left) s left)"
-        while pgrep -f "gpu_check.sh photos" >/dev/null && [ "$(left)" -gt 200 ]; do sleep 1; done
-    else
-        echo "== building $COUNT photos ($(left) s left)"
-        photos > /tmp/gpu-photos.log 2>&1
-    fi
+    echo "== building $COUNT photos ($(left) s left)"
+    rm -rf "$PHOTOS" "$PHOTOS-wds"
+    photos > /tmp/gpu-photos.log 2>&1
 fi
 tail -3 /tmp/gpu-photos.log 2>/dev/null; cp /tmp/gpu-photos.log "$LOGS/" 2>/dev/null
 
 echo "== GPU benchmark ($(left) s left)"
-timeout "$(( $(left) - 150 ))" "$PY" benchmarks/bench_gpu.py --data "$PHOTOS-wds" --repeats "${REPEATS:-5}" \
-    ${ROWS:+--rows $ROWS} 2>&1 | tee "$LOGS/bench_gpu.log"
+timeout "$(( $(left) - ${TEST_RESERVE:-150} ))" "$PY" benchmarks/bench_gpu.py --data "$PHOTOS-wds" --repeats "${REPEATS:-5}" \
+    ${ROWS:+--rows $ROWS} ${PROFILE:+--profile $PROFILE} 2>&1 | tee "$LOGS/bench_gpu.log"
 bench=${PIPESTATUS[0]}
 echo "== tests marked gpu ($(left) s left)"
 timeout "$(( $(left) - 5 ))" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests -rs \

@@ -30,7 +30,7 @@ ZARR=$("${PIP%/pip}/python" -c 'import zarr; print(zarr.__version__)' 2>/dev/nul
     --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 --platform any \
     nvidia-dali-cuda130==2.4.0 'nvidia-nvimgcodec-cu13>=0.9,<0.10' nvidia-libnvcomp-cu13==5.3.0.16 \
     'nvidia-nvjpeg>=13,<14' astunparse gast optree nvtx makefun 'libcst~=1.8' \
-    webdataset braceexpand "zarr==$ZARR" numcodecs donfig crc32c zlib-ng
+    webdataset braceexpand "zarr==$ZARR" numcodecs donfig crc32c google-crc32c zlib-ng
 data="${SHARED_DATA:-../shared/data}/cifar10-jpeg.tar.gz"
 [ -f "$data" ] && mkdir -p "$OUT/dl/data" && cp "$data" "$OUT/dl/data/"
 ( cd "$OUT/dl" && sha256sum *.whl data/* 2>/dev/null > ../SHA256SUMS )
