@@ -32,7 +32,7 @@ from .decode import BACKENDS
 from .decode.augment import get_augment
 from .decode.backend import BackendConfig, RawBatch
 from .formats.storage import is_url
-from .options import LoaderOptions, OnCorrupt
+from .options import LoaderOptions, OnCorrupt, default_parallelism
 from .plan.distributed import check_plan_digest, dist_env
 from .plan.elastic import combine_states
 from .plan.planner import EpochPlanner, eval_plan, num_steps, remaining_plan
@@ -62,7 +62,8 @@ class Loader:
         augment: "cifar", "imagenet" or None.
         mixup: probabilistic mixup with the plan's per-sample probabilities (training).
         num_workers: reader processes (0: read in the main process).  Default: 0 for DALI
-            on a CPU-only device reading local files, else 2 (docs/benchmarks.md).
+            on a CPU-only device reading local files, else 2, or 4 with a GPU and 8 cores
+            or more per rank (:func:`pipeline.options.default_parallelism`).
         options: :class:`pipeline.options.LoaderOptions` for everything else.
     """
 
@@ -85,10 +86,9 @@ class Loader:
         env = dist_env()
         self.world_size = int(opt.plan.world_size if opt.plan.world_size is not None else env.world_size)
         self.rank = int(opt.plan.rank if opt.plan.rank is not None else env.rank)
-        if num_workers is None:
-            local = not (ds.files and is_url(ds.files[0]))
-            num_workers = 0 if (backend == "dali" and self.device.type != "cuda" and local) else 2
-        self.num_workers = int(num_workers)
+        workers, threads = default_parallelism(self.device.type, backend,
+                                               local_files=not (ds.files and is_url(ds.files[0])))
+        self.num_workers = int(workers if num_workers is None else num_workers)
         self.spec = get_augment(augment, self.train, int(ds.channels), ds.sample_shape,
                                 opt.decode.image_size)
 
@@ -142,7 +142,7 @@ class Loader:
             source=self.source, spec=self.spec, batch_size=self.batch_size,
             channels=int(ds.channels), device=self.device, workdir=self.workdir,
             num_workers=self.num_workers,
-            num_threads=opt.decode.num_threads or max(1, min(4, os.cpu_count() or 1)),
+            num_threads=opt.decode.num_threads or threads,
             prefetch=opt.decode.prefetch, seed=self.seed,
             py_start_method=opt.decode.py_start_method))
 

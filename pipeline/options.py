@@ -7,6 +7,7 @@ listing the allowed ones; the groups can also be built directly.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Mapping
@@ -113,10 +114,25 @@ class ReadOptions:
             raise ValueError(f"merge_gap must be bytes >= 0, 'neighbors' or None, not {g!r}")
 
 
+def default_parallelism(device_type: str, backend: str, local_files: bool) -> tuple[int, int]:
+    """``(reader processes, DALI CPU threads)`` when the caller names neither, from this
+    rank's share of the cores (``os.cpu_count() / LOCAL_WORLD_SIZE``).
+
+    By measurement (docs/benchmarks.md, "Defaults"): on a CPU-only device DALI decodes on
+    the CPU, one thread per core up to 4, and local files are read in the main process;
+    with a GPU the CPU threads feed the mixed decoder and the graph's CPU operators, and 8
+    threads with 4 reader processes beat 4 threads with 2 by 1.3x on 16 cores (half of the
+    cores as threads, up to 8; 2 readers below 8 cores)."""
+    share = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+    if device_type == "cuda":
+        return (4 if share >= 8 else 2), max(1, min(8, share // 2))
+    return (0 if (backend == "dali" and local_files) else 2), max(1, min(4, share))
+
+
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Decoding: output size override, DALI CPU threads (default min(4, cores)), batches
-    in flight per reader, and how DALI starts its reader processes."""
+    """Decoding: output size override, DALI CPU threads (default: :func:`default_parallelism`),
+    batches in flight per reader, and how DALI starts its reader processes."""
 
     image_size: int | None = None
     num_threads: int | None = None

@@ -315,3 +315,19 @@ def test_packed_rows_reused_hold_each_payload_then_zeros(cifar_wds, tmp_path):
         bufs.append(sb.payload.__array_interface__["data"][0])
     assert len(set(bufs)) == 1                              # one buffer, reused
     L.close()
+
+
+def test_default_parallelism_follows_the_rank_share_of_cores(monkeypatch):
+    from pipeline.options import default_parallelism
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_parallelism("cuda", "dali", True) == (4, 8)
+    assert default_parallelism("cpu", "dali", True) == (0, 4)
+    assert default_parallelism("cpu", "dali", False) == (2, 4)     # remote shards: readers
+    assert default_parallelism("cpu", "torch", True) == (2, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")                      # 8 ranks share 16 cores
+    assert default_parallelism("cuda", "dali", True) == (2, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_parallelism("cuda", "dali", True) == (2, 1)
+    assert default_parallelism("cpu", "dali", True) == (0, 2)
