@@ -165,3 +165,46 @@ def test_infobatch_at_the_run_budget_reads_what_the_others_read():
     taken, _, _ = simulate("infobatch", 0.7, 10, budget="run")
     assert taken.sum() == sum(get_policy("infobatch", keep=0.7, epochs=10, budget="run").num_selected(N, e)
                               for e in range(10))
+
+
+@pytest.mark.parametrize("keep", [0.7, 0.5])
+def test_above_mean_variant_keeps_the_budget_and_the_gap_bound(keep):
+    """q="above_mean" (InfoBatch's split inside the credits): exactly K per epoch and the
+    run's budget, no sample unseen for more than 3 epochs at keep 0.7 (5 at keep 0.5, where
+    half the samples sit at the floor p = K/(2N) = 1/4), samples with a persistently high
+    loss visited clearly more often, rescaled weights in [1, 2]."""
+    epochs = 30
+    kw = dict(q="above_mean", schedule="constant", weights="rescale")
+    taken, hard, pol = simulate("swdpp", keep, epochs, **kw)
+    k = budget(keep, N)
+    assert (taken.sum(1) == k).all() and taken.sum() == k * epochs
+    assert max_gap(taken) <= (3 if keep == 0.7 else 5)
+    visits = taken.sum(0)
+    top, bottom = hard > np.quantile(hard, 0.8), hard < np.quantile(hard, 0.2)
+    assert visits[top].mean() > 1.3 * visits[bottom].mean()
+    s = Scores(N)
+    s.update(np.arange(N), (3 * hard).astype(np.float32))
+    s.sync(1)
+    pol = get_policy("swdpp", keep=keep, epochs=epochs, **kw)
+    out = pol(s, 1, rng(0, 1, Stream.POLICY))
+    assert 1.0 <= out.weight.min() and out.weight.max() <= 2.0
+    p, _ = pol.probabilities(s, 1, k)
+    above = 3 * hard > (3 * hard).mean()
+    assert np.allclose(p.sum(), k) and np.ptp(p[above]) < 1e-9      # one value for the sure ones
+    if keep == 0.7:   # the rest get (K - H)/(N - H) >= f: the sure ones are certain
+        assert np.allclose(p[above], 1.0) and np.allclose(out.weight[above], 1.0)
+    assert np.allclose(out.weight, np.minimum(2.0, 1.0 / p), rtol=1e-6)
+
+
+def test_above_mean_probabilities_respect_the_floor():
+    """Too many samples above the mean for the floor: the rest keep f, the sure ones
+    share what is left (sum K, every p in [f, 1])."""
+    from pipeline.plan.policies.swdpp import above_mean_probabilities
+    s = Scores(1000)
+    losses = np.r_[np.full(900, 2.0), np.full(100, 0.1)].astype(np.float32)
+    s.update(np.arange(1000), losses)
+    s.sync(1)
+    k, f = 500, 0.25
+    p = above_mean_probabilities(s, 0.0, k, f)
+    assert np.isclose(p.sum(), k) and p.min() >= f - 1e-12 and p.max() <= 1.0
+    assert np.allclose(p[900:], f) and np.allclose(p[:900], (k - f * 100) / 900)

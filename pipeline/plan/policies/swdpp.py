@@ -14,7 +14,8 @@ from .credits import Credits
 __all__ = ["SwDPPPolicy", "tilt_strength"]
 
 SCHEDULES = ("sine", "constant")
-WEIGHTS = ("none", "importance")
+WEIGHTS = ("none", "importance", "rescale")
+SHAPES = ("soft", "above_mean")
 
 
 def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) -> float:
@@ -25,6 +26,29 @@ def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) ->
     return float(tilt) * math.sin(math.pi * epoch / epochs) ** 2
 
 
+def above_mean_probabilities(scores: Scores, std_coef: float, k: int, f: float) -> np.ndarray:
+    """InfoBatch's split at a budget of K: samples scoring above the mean of the seen ones
+    (score = ema + std_coef * std; unseen ones count as above) get 1, the rest share
+    K - H equally; when that share would fall below ``f`` the rest get ``f`` and the
+    sure ones share what remains (sum K, every p in [f, 1])."""
+    n = len(scores)
+    s = np.sqrt(scores.var, dtype=np.float64) * std_coef + scores.ema
+    seen = scores.seen
+    hard = ~seen
+    if seen.any():
+        hard |= seen & (s > s[seen].mean())
+    h = int(hard.sum())
+    if h == 0 or h == n:
+        return np.full(n, k / n)
+    rest = (k - h) / (n - h)
+    p = np.empty(n)
+    if rest >= f:
+        p[hard], p[~hard] = 1.0, min(rest, 1.0)
+    else:
+        p[~hard], p[hard] = f, (k - f * (n - h)) / h
+    return p
+
+
 class SwDPPPolicy(Policy):
     """Soft selection from learning dynamics, K samples in every epoch, visits balanced.
 
@@ -33,8 +57,12 @@ class SwDPPPolicy(Policy):
     q_i  = f + (1-f) min(1, c w_i), sum q = K, f = floor * K/N (`capped_probabilities`);
     p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f);
     selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
-    weight_i = 1 (`weights="none"`) or min(max_weight, (K/N) / p_i) ("importance");
+    weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance") or
+               min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
+    `q="above_mean"` replaces q by InfoBatch's rule at the same budget: every sample whose
+    score is above the mean of the seen ones (and every unseen one) is sure, q_i = 1, the
+    others share what is left equally, never below f (the sure ones give way if needed).
     Every epoch reads exactly K = round(keep N) (`anneal=0`, no full epochs to pay for).
     `anneal` > 0: the last ceil(anneal E) epochs train on full data (InfoBatch's annealing)
     and the others pay for them, K = round(keep' N), keep' = (keep E - F) / (E - F); the
@@ -46,7 +74,7 @@ class SwDPPPolicy(Policy):
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0, schedule: str = "sine",
                  weights: str = "none", max_weight: float = 2.0, mixup: float = 0.0,
-                 anneal: float = 0.0) -> None:
+                 anneal: float = 0.0, q: str = "soft") -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -59,6 +87,8 @@ class SwDPPPolicy(Policy):
                              f"got {tilt!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"swdpp schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if q not in SHAPES:
+            raise ValueError(f"swdpp q must be one of {SHAPES}, got {q!r}")
         if weights not in WEIGHTS:
             raise ValueError(f"swdpp weights must be one of {WEIGHTS}, got {weights!r}")
         if not max_weight >= 1.0:
@@ -67,7 +97,7 @@ class SwDPPPolicy(Policy):
             raise ValueError(f"swdpp mixup (largest mixup probability scale) must be in [0, 1], got {mixup!r}")
         self.temperature, self.std_coef, self.floor = float(temperature), float(std_coef), float(floor)
         self.tilt, self.schedule, self.weights = float(tilt), schedule, weights
-        self.max_weight, self.mixup = float(max_weight), float(mixup)
+        self.max_weight, self.mixup, self.q = float(max_weight), float(mixup), q
         if not 0.0 <= anneal < 1.0:
             raise ValueError(f"swdpp anneal (fraction of final full-data epochs) must be in [0, 1), got {anneal!r}")
         self.anneal, self.pruned_keep, self.pruned_epochs = float(anneal), self.keep, self.epochs
@@ -99,7 +129,10 @@ class SwDPPPolicy(Policy):
         info: dict[str, Any] = {"tilt": lam, "p_floor": f}
         if lam <= 0.0 or f >= 1.0:
             return np.full(n, k / n), info
-        q, c = capped_probabilities(score_weights(scores, self.std_coef, self.temperature), k, f)
+        if self.q == "above_mean":
+            q, c = above_mean_probabilities(scores, self.std_coef, k, f), 1.0
+        else:
+            q, c = capped_probabilities(score_weights(scores, self.std_coef, self.temperature), k, f)
         q *= lam
         q += (1.0 - lam) * (k / n)
         info["scale_c"] = c
@@ -112,8 +145,8 @@ class SwDPPPolicy(Policy):
         sel = np.zeros(n)
         sel[ids] = 1.0
         weight = np.ones(n, np.float32)
-        if self.weights == "importance":
-            np.divide(k / n, p, out=weight, casting="same_kind")
+        if self.weights != "none":
+            np.divide(k / n if self.weights == "importance" else 1.0, p, out=weight, casting="same_kind")
             np.minimum(weight, np.float32(self.max_weight), out=weight)
         mix = np.zeros(n, np.float32)
         f = info["p_floor"]
