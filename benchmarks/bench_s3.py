@@ -12,8 +12,11 @@ the ``--augment`` preset, batch ``--batch``, policy uniform, its default reader
 processes per storage) on the local shards, on S3 directly, and on S3 through the proxy
 (the bytes rows: the proxy costs CPU of its own), at keep 1.0 and 0.7.  A warm-up
 epoch per row, then ``--repeats`` rounds with the rows interleaved (rotating order);
-best and median images/s, the S3 rows' bytes sent by the server per epoch.  The local
-shards sit in the page cache after the warm-up, as the server's own files do.
+best and median images/s, the S3 rows' bytes sent by the server per epoch, and CPU per
+image of the Loader's processes and of the server's (from /proc), with the cores they
+kept busy: on a small machine the server shares the cores, so a row whose cores are all
+busy is limited by CPU, not by request latency.  The local shards sit in the page cache
+after the warm-up, as the server's own files do.
 """
 from __future__ import annotations
 
@@ -37,6 +40,38 @@ from _s3 import start_weed  # noqa: E402
 from pipeline.formats.upload import upload_dataset  # noqa: E402
 
 URL = "s3://data/bench"
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def cpu_now(server_pid: int) -> tuple[float, float]:
+    """(CPU seconds of this process and its reader processes, of the S3 server's processes)."""
+    me = os.getpid()
+    mine = sum(_cpu_s(p) for p in [me] + _descendants(me) if p != server_pid
+               and p not in _descendants(server_pid))
+    return mine, sum(_cpu_s(p) for p in [server_pid] + _descendants(server_pid))
 
 
 def epoch(loader, e: int) -> tuple[int, float]:
@@ -78,25 +113,33 @@ def main() -> None:
                 seed=0, backend=a.backend, device="cpu", augment=a.augment)
         rates = {r: [] for r in rows}
         sent = {r: [] for r in rows}
+        cpu = {r: [] for r in rows}   # (loader us/img, server us/img) per timed epoch
         for rnd in range(a.repeats + 1):           # round 0: the warm-up
             order = rows[rnd % len(rows):] + rows[:rnd % len(rows)]
             for r in order:
                 proxy.reset()
+                c0 = cpu_now(server.proc.pid)
                 n, s = epoch(loaders[r], rnd)
+                c1 = cpu_now(server.proc.pid)
                 if rnd:
                     rates[r].append(n / s)
                     sent[r].append(proxy.down)
+                    cpu[r].append((1e6 * (c1[0] - c0[0]) / n, 1e6 * (c1[1] - c0[1]) / n))
                 print(f"round {rnd} {r[0]:8s} keep {r[1]:.1f}: {n} images, {n / s:7.1f} img/s, "
                       f"server sent {proxy.down / 1e6:7.2f} MB", flush=True)
-        print("\n| row | best img/s | median img/s | vs local (best / median) | server sent MB/epoch |")
-        print("|---|---|---|---|---|")
+        print("\n| row | best img/s | median img/s | vs local (best / median) | server sent MB/epoch "
+              "| CPU us/img: loader + server | cores busy |")
+        print("|---|---|---|---|---|---|---|")
         for where, keep in rows:
             r = rates[where, keep]
             base = rates["local", keep]
             mb = statistics.median(sent[where, keep]) / 1e6 if where == "s3_proxy" else None
+            lc = statistics.median(c[0] for c in cpu[where, keep])
+            sc = statistics.median(c[1] for c in cpu[where, keep])
             print(f"| {where} keep {keep} | {max(r):.0f} | {statistics.median(r):.0f} | "
                   f"{max(r) / max(base):.2f} / {statistics.median(r) / statistics.median(base):.2f} "
-                  f"| {'-' if mb is None else f'{mb:.2f}'} |")
+                  f"| {'-' if mb is None else f'{mb:.2f}'} | {lc:.0f} + {sc:.0f} "
+                  f"| {(lc + sc) * statistics.median(r) / 1e6:.2f} of {os.cpu_count()} |")
         ratio = statistics.median(sent["s3_proxy", 0.7]) / statistics.median(sent["s3_proxy", 1.0])
         print(f"\nbytes sent by the server, keep 0.7 / keep 1.0: {ratio:.3f}")
     finally:
