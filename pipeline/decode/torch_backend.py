@@ -67,31 +67,46 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
 
 
 def _decode_pil(payload: np.ndarray, channels: int) -> torch.Tensor:
-    """PIL's decode (raises on damage instead of crashing) -> CHW uint8 tensor."""
-    from PIL import Image
+    """PIL's decode (raises on damage instead of crashing) -> CHW uint8 tensor, with the
+    image's EXIF orientation applied and 16-bit samples scaled to 8 bits, as DALI does."""
+    from PIL import Image, ImageOps
     with Image.open(io.BytesIO(payload.tobytes())) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit gray: PIL's convert clips
+            a = (np.asarray(im, dtype=np.uint32) * 255 + 32767) // 65535
+            im = Image.fromarray(a.astype(np.uint8), "L")
         a = np.asarray(im.convert("L" if channels == 1 else "RGB"))
     return torch.from_numpy(a.reshape(*a.shape[:2], channels).copy()).permute(2, 0, 1)
 
 
 def decode(payload: np.ndarray, codec: str, channels: int, checked: bool = False) -> torch.Tensor:
-    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor.  Raises on bytes that
-    do not decode.
+    """Encoded bytes (or HWC pixels for raw/npy) -> CHW uint8 tensor, as DALI's decoder
+    gives it: EXIF orientation applied, 16-bit samples scaled to 8 bits.  Raises on bytes
+    that do not decode.
 
-    torchvision's PNG decoder crashes the process (SIGSEGV after a libpng error) on a
-    damaged deflate stream, which a checksum written after the damage does not catch.  So
-    a PNG that fails the structural check of read/sniff.py goes to PIL instead, which
-    raises; ``checked``: the reader already ran that check (no checksum to verify)."""
+    JPEG and PNG (told by their first bytes, whatever the dataset's codec) go to
+    torchvision's decoders; other formats (WebP, whose orientation torchvision ignores,
+    BMP, TIFF, ...) and anything torchvision refuses go to PIL.  torchvision's PNG decoder
+    crashes the process (SIGSEGV after a libpng error) on a damaged deflate stream, which
+    a checksum written after the damage does not catch, so a PNG that fails the structural
+    check of read/sniff.py goes to PIL too, which raises; ``checked``: the reader already
+    ran that check (no checksum to verify)."""
     if codec in ("raw", "npy") or payload.ndim == 3:
         return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
-    if not checked and payload[:8].tobytes() == PNG_SIGNATURE and not plausible_image(payload):
+    head = payload[:8].tobytes()
+    png = head == PNG_SIGNATURE
+    if not (png or head[:2] == b"\xff\xd8") or (png and not checked and not plausible_image(payload)):
         return _decode_pil(payload, channels)
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg, decode_png
+    from torchvision.io import ImageReadMode, decode_jpeg, decode_png
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     data = torch.from_numpy(np.array(payload, copy=True))
-    # the codec-specific decoders: decode_image is far slower per call
-    fn = {"jpeg": decode_jpeg, "png": decode_png}.get(codec, decode_image)
-    return fn(data, mode=mode)
+    try:
+        img = (decode_png if png else decode_jpeg)(data, mode=mode, apply_exif_orientation=True)
+    except RuntimeError:  # e.g. a CMYK or arithmetic-coded JPEG: PIL, which raises on damage
+        return _decode_pil(payload, channels)
+    if img.dtype != torch.uint8:  # a 16-bit PNG: 0..65535 -> 0..255, rounded
+        img = ((img.to(torch.int32) * 255 + 32767) // 65535).to(torch.uint8)
+    return img
 
 
 def _worker_init(_: int, parent: tuple[int, bool]) -> None:
