@@ -17,6 +17,7 @@ import pytest
 
 import pipeline
 from _tars import pax_tar, shard_writer
+from pipeline.formats import verify
 from pipeline.formats.index import IndexError_, index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,10 +100,11 @@ def test_gnu_tar_long_names_any_member_order(jpegs, tmp_path):
     rnd = random.Random(0)
     for i, (c, data) in enumerate(jpegs[:30]):
         key = f"{key_dir}/k{i:03d}"
-        (src / f"{key}.jpg").write_bytes(data)
+        ext = "JPEG" if i % 2 else "jpg"                    # ImageNet's own file names
+        (src / f"{key}.{ext}").write_bytes(data)
         (src / f"{key}.cls").write_text(str(i % 10))
         (src / f"{key}.json").write_text(json.dumps({"label": i % 10}))
-        members = [f"{key}.jpg", f"{key}.cls", f"{key}.json"]
+        members = [f"{key}.{ext}", f"{key}.cls", f"{key}.json"]
         rnd.shuffle(members)                              # any order within a sample
         names += members
         want[data] = i % 10
@@ -114,6 +116,7 @@ def test_gnu_tar_long_names_any_member_order(jpegs, tmp_path):
         ds = pipeline.open_dataset(out)
         assert s["num_samples"] == len(ds) == 30
         assert {ds.read(i): int(ds.labels[i]) for i in range(30)} == want
+        assert verify(out)["num_samples"] == 30
 
 
 def test_bad_input_named_skipped_or_refused(jpegs, tmp_path):

@@ -158,7 +158,7 @@ def _why_skipped(key: str, members: dict, seen: set, fields: tuple[str, ...], la
     image = None
     for e in members:
         # a member asked for as a field is not the image (e.g. a .png mask beside a .jpg)
-        if e in IMAGE_EXTS and e not in fields:
+        if e.lower() in IMAGE_EXTS and e not in fields:
             image = e
             break
     if key in seen:
@@ -197,7 +197,7 @@ def _index_shard(path: str, label: str, strict: bool, storage_options: dict | No
         for key, members in samples:
             image, lab = None, None
             for e in members:   # the common case inline: first image member, label readable
-                if e in IMAGE_EXTS and e not in fields:
+                if e.lower() in IMAGE_EXTS and e not in fields:  # ImageNet's .JPEG too
                     image = e
                     break
             try:
@@ -334,7 +334,7 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
         if lab.min() < 0:
             raise IndexError_(f"negative label {int(lab.min())} in {paths[0]}...")
         classes = [str(c) for c in range(int(lab.max()) + 1)]
-    codecs = {IMAGE_EXTS[e] for g in results for e in g.codecs}
+    codecs = {IMAGE_EXTS[e.lower()] for g in results for e in g.codecs}
     header = {"format": "wds", "codec": codecs.pop() if len(codecs) == 1 else "mixed",
               "classes": classes, "sample_shape": None, "channels": 3, "num_samples": n,
               "files": entries, "index_files": idx_entries, "member_name": "source",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,23 +261,45 @@ class WdsFormat(Format):
         except Exception as e:  # noqa: BLE001 - any parse failure means "no header here"
             raise VerifyError(f"shard {path}: no tar header before sample {i}: {e}") from e
         if ds.manifest.member_name == "source":  # indexed in place: the source's own names
-            from .index import IMAGE_EXTS, split_key
-            key, ext = split_key(name)
-            if ext not in IMAGE_EXTS:
-                raise VerifyError(f"shard {path}: member {name} at offset {offset} is not an image")
+            from .index import IMAGE_EXTS
+            self._check_source_member(view, offset, int(ds.length[i]), path, f"sample {i}",
+                                      lambda ext: ext.lower() in IMAGE_EXTS, "an image")
+            key = _source_member(view, offset)[0][0]
             for field, fc in ds.field_columns.items():  # --fields: the same sample's member
-                at = int(fc.offset[i])
-                try:
-                    member = wds_mod.header_name_at(view, at)
-                except Exception as e:  # noqa: BLE001 - as above
-                    raise VerifyError(f"shard {path}: no tar header before field .{field} of "
-                                      f"sample {i} (offset {at}): {e}") from e
-                if split_key(member) != (key, field):
-                    raise VerifyError(f"shard {path}: field .{field} of sample {i} ({name}) points "
-                                      f"at member {member} (offset {at})")
+                self._check_source_member(view, int(fc.offset[i]), int(fc.length[i]), path,
+                                          f"field .{field} of sample {i} ({key})", lambda ext: ext == field,
+                                          f"the .{field} member", key)
             return
         if wds_mod.id_of_member(name) != i:
             raise VerifyError(f"shard {path}: member {name} at offset {offset} is not sample {i}")
+
+    @staticmethod
+    def _check_source_member(view, offset: int, length: int, path: str, what: str,
+                             ext_ok, wanted: str, key: str | None = None) -> None:
+        """The member of a shard indexed in place at ``offset``: a valid tar header whose
+        size is the recorded ``length`` and whose name (when the header holds all of it:
+        GNU and PAX long names live in an earlier record) says ``wanted`` (``key``: of
+        that sample)."""
+        try:
+            (k, ext), size, whole = _source_member(view, offset)
+        except Exception as e:  # noqa: BLE001 - any parse failure means "no header here"
+            raise VerifyError(f"shard {path}: no tar header before {what} (offset {offset}): {e}") from e
+        if whole and (not ext_ok(ext) or (key is not None and k != key)):
+            raise VerifyError(f"shard {path}: {what} points at member {k}.{ext} (offset "
+                              f"{offset}), not {wanted}")
+        if size != length:
+            raise VerifyError(f"shard {path}: the member at offset {offset} has {size} bytes, "
+                              f"the index says {length} for {what}")
+
+
+def _source_member(view, offset: int) -> tuple[tuple[str, str], int, bool]:
+    """``((key, ext), size, whole)`` of the ustar header before ``offset``; ``whole``: the
+    header's name field holds the whole name (a full 100-byte field may be a GNU or PAX long
+    name cut short)."""
+    from .index import split_key
+    hdr = bytes(view[offset - wds_mod.BLOCK:offset])
+    info = tarfile.TarInfo.frombuf(hdr, "utf-8", "strict")
+    return split_key(info.name), info.size, hdr[99] == 0
 
 
 # ----------------------------------------------------------------------------- Zarr
