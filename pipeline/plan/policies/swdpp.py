@@ -53,16 +53,18 @@ class SwDPPPolicy(Policy):
     """Soft selection from learning dynamics, K samples in every epoch, visits balanced.
 
     score  s_i = ema_i + std_coef * std_i (never seen: the largest seen score);
-    w_i  = (s_i / max s)^(1/temperature);
-    q_i  = f + (1-f) min(1, c w_i), sum q = K, f = floor * K/N (`capped_probabilities`);
-    p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f);
+    q_i  (`q="above_mean"`, the default since session 9): InfoBatch's rule at the same
+         budget: every sample whose score is above the mean of the seen ones (and every
+         unseen one) is sure, q_i = 1, the others share what is left equally, never below
+         f = floor * K/N (the sure ones give way if needed);
+    q_i  (`q="soft"`, the default of sessions 5-8): w_i = (s_i / max s)^(1/temperature),
+         q_i = f + (1-f) min(1, c w_i), sum q = K (`capped_probabilities`);
+    p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f; lambda_e = tilt
+         with `schedule="constant"`, the default, or the sine schedule);
     selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
     weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance") or
                min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
-    `q="above_mean"` replaces q by InfoBatch's rule at the same budget: every sample whose
-    score is above the mean of the seen ones (and every unseen one) is sure, q_i = 1, the
-    others share what is left equally, never below f (the sure ones give way if needed).
     Every epoch reads exactly K = round(keep N) (`anneal=0`, no full epochs to pay for).
     `anneal` > 0: the last ceil(anneal E) epochs train on full data (InfoBatch's annealing)
     and the others pay for them, K = round(keep' N), keep' = (keep E - F) / (E - F); the
@@ -72,9 +74,9 @@ class SwDPPPolicy(Policy):
     name = "swdpp"
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
-                 std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0, schedule: str = "sine",
-                 weights: str = "none", max_weight: float = 2.0, mixup: float = 0.0,
-                 anneal: float = 0.0, q: str = "soft") -> None:
+                 std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
+                 schedule: str = "constant", weights: str = "none", max_weight: float = 2.0,
+                 mixup: float = 0.0, anneal: float = 0.0, q: str = "above_mean") -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
