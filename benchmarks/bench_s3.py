@@ -10,7 +10,8 @@ between the Loader and the S3 gateway: the bytes counted there are what the serv
 sent, headers included, not the Loader's own counters.  Rows: the Loader (DALI backend,
 the ``--augment`` preset, batch ``--batch``, policy uniform, its default reader
 processes per storage) on the local shards, on S3 directly, and on S3 through the proxy
-(the bytes rows: the proxy costs CPU of its own), at keep 1.0 and 0.7.  A warm-up
+(the bytes rows: the proxy costs CPU of its own), at keep 1.0 and 0.7; ``--s3-workers
+0 2`` adds S3 rows with that many reader processes.  A warm-up
 epoch per row, then ``--repeats`` rounds with the rows interleaved (rotating order);
 best and median images/s, the S3 rows' bytes sent by the server per epoch, and CPU per
 image of the Loader's processes and of the server's (from /proc), with the cores they
@@ -90,6 +91,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--augment", default="imagenet")
     ap.add_argument("--backend", default="dali")
+    ap.add_argument("--s3-workers", type=int, nargs="*", default=[],
+                    help="extra S3 rows with these reader processes (the default rows use the "
+                         "Loader's default for remote shards)")
     a = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-s3-"))
@@ -106,11 +110,14 @@ def main() -> None:
         sources = {"local": pipeline.open_dataset(a.data),
                    "s3": pipeline.open_dataset(URL, storage_options=server.storage_options),
                    "s3_proxy": pipeline.open_dataset(URL, storage_options=counted)}
-        rows = [(where, keep) for keep in (1.0, 0.7) for where in ("local", "s3", "s3_proxy")]
+        extra = [f"s3_w{w}" for w in a.s3_workers]
+        rows = [(where, keep) for keep in (1.0, 0.7) for where in ("local", "s3", *extra, "s3_proxy")]
         for where, keep in rows:
+            workers = int(where[4:]) if where.startswith("s3_w") else None
             loaders[where, keep] = pipeline.Loader(
-                sources[where], a.batch, keep=keep, policy="uniform", epochs=a.repeats + 1,
-                seed=0, backend=a.backend, device="cpu", augment=a.augment)
+                sources["s3" if workers is not None else where], a.batch, keep=keep,
+                policy="uniform", epochs=a.repeats + 1, seed=0, backend=a.backend, device="cpu",
+                augment=a.augment, num_workers=workers)
         rates = {r: [] for r in rows}
         sent = {r: [] for r in rows}
         cpu = {r: [] for r in rows}   # (loader us/img, server us/img) per timed epoch

@@ -214,3 +214,29 @@ def test_above_mean_probabilities_respect_the_floor():
     p = above_mean_probabilities(s, 0.0, k, f)
     assert np.isclose(p.sum(), k) and p.min() >= f - 1e-12 and p.max() <= 1.0
     assert np.allclose(p[900:], f) and np.allclose(p[:900], (k - f * 100) / 900)
+
+
+@pytest.mark.parametrize("shape", ["step", "ramp"])
+@pytest.mark.parametrize("epochs", [10, 30])
+def test_annealing_reads_the_run_budget_and_ends_on_full_data(shape, epochs):
+    """`anneal`: the run reads keep * N * E (to rounding), the last epoch is full, the
+    kept fraction never falls over the run ("step": F full epochs at the end; "ramp": it
+    rises linearly over them), and the pruned epochs are exactly their K."""
+    keep, anneal = 0.7, 0.25
+    pol = get_policy("swdpp", keep=keep, epochs=epochs, anneal=anneal, anneal_shape=shape)
+    ks = [pol.num_selected(N, e) for e in range(epochs)]
+    f = int(np.ceil(anneal * epochs))
+    assert sum(ks) == pytest.approx(keep * N * epochs, abs=epochs)
+    assert ks[-1] == N and all(a <= b for a, b in zip(ks, ks[1:]))
+    assert len(set(ks[:epochs - f])) == 1 and ks[0] < budget(keep, N)     # the others pay
+    if shape == "step":
+        assert ks[epochs - f:] == [N] * f
+    else:
+        steps = np.diff(ks[epochs - f - 1:])
+        assert ks[-2] < N and np.ptp(steps) <= 1                          # equal rises
+    taken, _, _ = simulate("swdpp", keep, epochs, anneal=anneal, anneal_shape=shape)
+    assert taken.sum(1).tolist() == ks
+    with pytest.raises(ValueError, match="anneal_shape must be one of"):
+        get_policy("swdpp", keep=keep, epochs=epochs, anneal=anneal, anneal_shape="cosine")
+    with pytest.raises(ValueError, match="leaves nothing"):
+        get_policy("swdpp", keep=0.1, epochs=epochs, anneal=0.5, anneal_shape=shape)

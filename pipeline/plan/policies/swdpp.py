@@ -16,6 +16,7 @@ __all__ = ["SwDPPPolicy", "tilt_strength"]
 SCHEDULES = ("sine", "constant")
 WEIGHTS = ("none", "importance", "rescale")
 SHAPES = ("soft", "above_mean")
+ANNEALS = ("step", "ramp")
 
 
 def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) -> float:
@@ -66,9 +67,12 @@ class SwDPPPolicy(Policy):
                min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
     Every epoch reads exactly K = round(keep N) (`anneal=0`, no full epochs to pay for).
-    `anneal` > 0: the last ceil(anneal E) epochs train on full data (InfoBatch's annealing)
-    and the others pay for them, K = round(keep' N), keep' = (keep E - F) / (E - F); the
-    sine schedule then spans the E - F pruned epochs.
+    `anneal` > 0, `anneal_shape="step"`: the last F = ceil(anneal E) epochs train on full
+    data (InfoBatch's annealing) and the others pay for them, K = round(keep' N),
+    keep' = (keep E - F) / (E - F); the sine schedule then spans the E - F pruned epochs.
+    `anneal_shape="ramp"`: over the last F epochs the kept fraction rises linearly from
+    keep' to 1 (epoch E - F + j keeps keep' + (1 - keep')(j + 1)/F, the last one is full),
+    keep' = (keep E - (F + 1)/2) / (E - (F + 1)/2): the same run budget.
     """
 
     name = "swdpp"
@@ -76,7 +80,8 @@ class SwDPPPolicy(Policy):
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "none", max_weight: float = 2.0,
-                 mixup: float = 0.0, anneal: float = 0.0, q: str = "above_mean") -> None:
+                 mixup: float = 0.0, anneal: float = 0.0, q: str = "above_mean",
+                 anneal_shape: str = "step") -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -102,25 +107,37 @@ class SwDPPPolicy(Policy):
         self.max_weight, self.mixup, self.q = float(max_weight), float(mixup), q
         if not 0.0 <= anneal < 1.0:
             raise ValueError(f"swdpp anneal (fraction of final full-data epochs) must be in [0, 1), got {anneal!r}")
-        self.anneal, self.pruned_keep, self.pruned_epochs = float(anneal), self.keep, self.epochs
+        if anneal_shape not in ANNEALS:
+            raise ValueError(f"swdpp anneal_shape must be one of {ANNEALS}, got {anneal_shape!r}")
+        self.anneal, self.anneal_shape = float(anneal), anneal_shape
+        self.pruned_keep, self.pruned_epochs = self.keep, self.epochs
         if anneal > 0.0 and self.keep < 1.0:
             if self.epochs is None:
                 raise ValueError("swdpp anneal needs epochs (the full epochs are paid for by the others)")
             e = self.epochs
-            full = math.ceil(anneal * e)
-            if full >= e or self.keep * e - full <= 0:
+            f = math.ceil(anneal * e)
+            paid = f if anneal_shape == "step" else (f + 1) / 2   # full epochs' worth above keep'
+            if f >= e or self.keep * e - paid <= 0:
                 raise ValueError(f"swdpp keep={self.keep} over {e} epochs leaves nothing for the pruned "
-                                 f"epochs once {full} annealing epoch(s) are paid for; lower anneal")
-            self.pruned_epochs = e - full
-            self.pruned_keep = (self.keep * e - full) / (e - full)
+                                 f"epochs once {f} annealing epoch(s) are paid for; lower anneal")
+            self.pruned_epochs = e - f
+            self.pruned_keep = (self.keep * e - paid) / (e - paid)
         self._credits = Credits()
 
     def is_full_epoch(self, epoch: int) -> bool:
-        """keep 1, or one of the last `anneal` epochs."""
-        return self.keep >= 1.0 or (self.anneal > 0.0 and epoch >= self.pruned_epochs)
+        """keep 1, or one of the last `anneal` epochs ("step"; "ramp": the last epoch)."""
+        if self.keep >= 1.0:
+            return True
+        if self.anneal <= 0.0 or self.epochs is None:
+            return False
+        return epoch >= (self.pruned_epochs if self.anneal_shape == "step" else self.epochs - 1)
 
     def epoch_keep(self, epoch: int) -> float:
-        """keep, or keep' when annealing epochs are paid for (see the class docstring)."""
+        """keep, or keep' (rising to 1 over a ramp) when annealing is paid for (see the
+        class docstring)."""
+        if self.anneal_shape == "ramp" and self.anneal > 0.0 and epoch >= self.pruned_epochs:
+            f = self.epochs - self.pruned_epochs
+            return min(1.0, self.pruned_keep + (1.0 - self.pruned_keep) * (epoch - self.pruned_epochs + 1) / f)
         return self.pruned_keep
 
     def probabilities(self, scores: Scores, epoch: int, k: int) -> tuple[np.ndarray, dict[str, Any]]:
