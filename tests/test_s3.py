@@ -30,6 +30,9 @@ from pipeline.read.errors import AccessDenied, RemoteUnreachable, ShardMissing
 from pipeline.read.remote import RetryPolicy
 
 FAST = dict(request_timeout=1.0, retries=1)  # a failing read gives up within ~4.5 s
+# a live server that answers at once (403, 404): a timeout that load cannot trip (a HEAD
+# took over 1 s twice while two trainings shared the 2 cores), still bounded well below 30 s
+ALIVE = dict(request_timeout=5.0, retries=1)
 URL = "s3://data/cifar"
 
 
@@ -180,6 +183,61 @@ def test_credentials_from_environment(s3, s3_cifar, monkeypatch):
     assert int((batch.ids >= 0).sum()) == 100
 
 
+
+def test_forked_reader_processes_leave_the_parents_clients_alone(s3, s3_cifar, tmp_path):
+    """The Loader's reader processes are forked after ``open_dataset`` made s3fs clients
+    in the parent. fsspec empties its instance cache in the child; a client only the cache
+    held was then collected there, at a random moment of an epoch, and closed on the
+    child's event loop: "Task exception was never retrieved ... attached to a different
+    loop" on the training's stderr. Here the child collects garbage inside a coroutine on
+    its own fsspec loop, as a reader process does while its requests are in flight: every
+    client the parent made stays alive, nothing is written to stderr, and the parent's
+    pooled connections still answer (a transport closed in the child also unregistered
+    its socket from the epoll instance both share: the parent's next request hung)."""
+    import gc
+    import weakref
+
+    import fsspec.asyn
+    import s3fs
+
+    ds = pipeline.open_dataset(s3_cifar, storage_options=s3.storage_options)
+    made = [weakref.ref(fs) for fs in s3fs.S3FileSystem._cache.values()]
+    assert made                   # open_dataset read the manifest through s3fs
+    loader = _loader(ds, keep=0.7, **ALIVE)    # reads here: pooled connections to the server
+    next(iter(loader.epoch(0)))
+    loader.close()
+    del loader
+    gc.collect()                  # the parent's own garbage is collected here, not there
+    err = tmp_path / "child-stderr"
+    pid = os.fork()
+    if pid == 0:                  # the child: as a reader process starts reading
+        code = 1
+        try:
+            fd = os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 2)
+
+            async def collect():
+                gc.collect()
+            fsspec.asyn.sync(fsspec.asyn.get_loop(), collect)
+            time.sleep(0.3)       # a close task, had one been made, runs and fails
+            gc.collect()
+            dead = sum(r() is None for r in made)
+            if dead:
+                os.write(fd, f"{dead} of {len(made)} s3fs clients collected\n".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    text = err.read_text()
+    assert text == "", text[:500]
+    loader = _loader(ds, keep=0.7, **ALIVE)    # the parent's pooled connections still answer
+    try:
+        assert sum(int((b.ids >= 0).sum()) for b in loader.epoch(0)) == 1400
+    finally:
+        loader.close()
+
+
 # -- faults ----------------------------------------------------------------------------------
 
 def test_wrong_credentials(s3, s3_cifar):
@@ -190,7 +248,7 @@ def test_wrong_credentials(s3, s3_cifar):
     assert f"{URL}/manifest.json" in str(info.value) and "AWS_SECRET_ACCESS_KEY" in str(info.value)
     ds = pipeline.open_dataset(s3_cifar, storage_options=s3.storage_options)
     with pytest.raises(AccessDenied, match="access denied to s3://data/cifar/shard-000000.tar"):
-        _loader(ds, storage_options=bad, **FAST)
+        _loader(ds, storage_options=bad, **ALIVE)
     assert time.monotonic() - t0 < 30
 
 
@@ -201,8 +259,8 @@ def test_missing_object_and_dataset(s3, s3_cifar):
     ds = pipeline.open_dataset("s3://data/gap", storage_options=s3.storage_options)
     t0 = time.monotonic()
     with pytest.raises(ManifestError, match="data file missing: s3://data/gap/shard-000002.tar"):
-        _loader(ds, **FAST)       # the Loader's size check of every file, at creation
-    loader = _loader(ds, verify_files=None, **FAST)   # without it: on the read path
+        _loader(ds, **ALIVE)      # the Loader's size check of every file, at creation
+    loader = _loader(ds, verify_files=None, **ALIVE)  # without it: on the read path
     try:
         with pytest.raises(ShardMissing) as info:
             for _ in loader.epoch(0):

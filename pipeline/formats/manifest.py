@@ -21,7 +21,7 @@ import numpy as np
 from . import layout
 from .header import (HEADER_NAME, MANIFEST_VERSION, FileEntry, ManifestError, ManifestHeader,
                      header_path, read_header)
-from .storage import (access_denied, connection_failure, fs_options, is_url, local_path,
+from .storage import (access_denied, connection_failure, filesystem, fs_options, is_url, local_path,
                       read_url, unreachable)
 
 __all__ = ["COLUMN_DIR", "COLUMNS", "OPTIONAL_COLUMNS", "FieldColumns", "field_column",
@@ -243,10 +243,9 @@ class Dataset:
     @cached_property
     def _fs(self):
         """The filesystem of the data files (the root's, or the shards' own URLs)."""
-        import fsspec
         url = next((f for f in self.files if is_url(f)), self.root)
         opts = fs_options(url, storage_options=self.storage_options)  # bounded requests
-        return fsspec.core.url_to_fs(url, **opts)[0]
+        return filesystem(url, **opts)[0]
 
     def __len__(self) -> int:
         return self.num_samples

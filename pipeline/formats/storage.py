@@ -8,7 +8,7 @@ say, from botocore's own sources (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 from __future__ import annotations
 
 __all__ = ["is_url", "is_http", "is_s3", "local_path", "METADATA_TIMEOUT", "fs_options",
-           "read_url", "connection_failure", "unreachable", "access_denied"]
+           "filesystem", "pin", "read_url", "connection_failure", "unreachable", "access_denied"]
 
 # seconds without a byte from the server before a metadata request fails: aiohttp's own
 # default waits five minutes on a frozen server, then raises an empty FSTimeoutError
@@ -93,13 +93,37 @@ def access_denied(url: str, e: BaseException) -> str:
             "or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) and the endpoint")
 
 
+# Every file system the project makes stays referenced for the life of the process.
+# fsspec empties its instance cache in a forked child (the Loader's reader processes); an
+# instance only the cache (or a dropped reader) held is then collected there, and its
+# finalizer closes the parent's connections from the child: s3fs closes its client on the
+# child's event loop ("Task exception was never retrieved ... attached to a different
+# loop" on stderr), and closing a transport unregisters its socket from the epoll instance
+# that parent and child share, so the parent's next request on that pooled connection
+# waits for an answer it is never told about. Kept alive, they are left alone.
+_PINNED: dict[int, object] = {}
+
+
+def pin(fs):
+    """``fs``, kept referenced for the life of the process (see ``_PINNED``)."""
+    _PINNED.setdefault(id(fs), fs)
+    return fs
+
+
+def filesystem(url: str, **options):
+    """``(fs, path)`` for ``url`` (``fsspec.core.url_to_fs``), the instance pinned."""
+    import fsspec
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    return pin(fs), path
+
+
 def read_url(url: str, storage_options: dict | None = None) -> bytes:
     """The whole file at ``url`` (:func:`fs_options`).  FileNotFoundError when the server
     says it is absent; PermissionError naming the URL when it refuses the credentials;
     ConnectionError naming the URL when the server cannot be reached."""
-    import fsspec
     try:
-        with fsspec.open(url, "rb", **fs_options(url, storage_options=storage_options)) as f:
+        fs, path = filesystem(url, **fs_options(url, storage_options=storage_options))
+        with fs.open(path, "rb") as f:
             return f.read()
     except PermissionError as e:
         raise PermissionError(access_denied(url, e)) from e

@@ -21,7 +21,7 @@ from __future__ import annotations
 import mmap
 import os
 
-from .storage import is_url
+from .storage import filesystem, is_url
 
 __all__ = ["BLOCK", "TarError", "split_key", "scan_shard", "ShardReader"]
 
@@ -171,8 +171,7 @@ class ShardReader:
         self._buf_at, self._buf = 0, b""
         self.remote = is_url(path)
         if self.remote:
-            import fsspec
-            self._fs = fsspec.core.url_to_fs(path, **(storage_options or {}))[0]
+            self._fs = filesystem(path, **(storage_options or {}))[0]
             self.size = int(self._fs.size(path))
             self.head, self.mm = HEAD, None
         else:

@@ -28,7 +28,7 @@ from .errors import ConvertError
 from .header import HEADER_NAME
 from .manifest import COLUMN_DIR
 from .outdir import LOCK_NAME, STATE_DIR, OutLock, pause_point
-from .storage import access_denied, fs_options, is_s3, read_url
+from .storage import access_denied, filesystem, fs_options, is_s3, read_url
 
 __all__ = ["convert_to_url", "upload_dataset", "stage_dir"]
 
@@ -70,10 +70,8 @@ class _Bucket:
     """put / head of objects under one ``s3://bucket/prefix`` (s3fs's client, synchronous)."""
 
     def __init__(self, url: str, storage_options: dict | None):
-        import fsspec
         self.url = url.rstrip("/")
-        self.fs = fsspec.core.url_to_fs(self.url, **fs_options(self.url,
-                                                               storage_options=storage_options))[0]
+        self.fs = filesystem(self.url, **fs_options(self.url, storage_options=storage_options))[0]
         self.bucket, _, self.prefix = self.url[len("s3://"):].partition("/")
 
     def _call(self, method: str, rel: str, **kw):

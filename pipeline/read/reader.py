@@ -18,19 +18,13 @@ from typing import Sequence
 
 import numpy as np
 
-from ..formats.storage import fs_options, is_http, is_s3, is_url, local_path
+from ..formats.storage import filesystem, fs_options, is_http, is_s3, is_url, local_path
 from .errors import ShardError, ShardMissing
 from .ranges import ReadCounters, default_merge_gap, merge_ranges
 from .remote import HttpRanges, RetryPolicy
 from .s3 import S3Ranges
 
 __all__ = ["RangeReader", "ShardError", "logical_block_size"]
-
-# File systems a forked process inherited from its parent.  Collecting one in the child
-# runs s3fs's finalizer there, which closes the parent's client on the child's event loop
-# ("Future attached to a different loop"); kept referenced, it is left alone.
-_INHERITED: list = []
-
 
 class RangeReader:
     """Reads ``(file, offset, length)`` ranges from local files or URLs, counting all I/O.
@@ -69,17 +63,14 @@ class RangeReader:
             self._pid = os.getpid()
             self._fds = {}
             self._checked = set()
-            if self._fs is not None:  # the parent's: keep it alive, never collect it here
-                _INHERITED.append(self._fs)
-            self._fs = self._client = None
+            self._fs = self._client = None  # the parent's stays alive (storage.filesystem)
 
     def _filesystem(self):
         if self._fs is None:
-            import fsspec
             url, opts = self.files[0], self.storage_options
             if is_s3(url):  # botocore's own retries off: read/s3.py counts the attempts
                 opts = fs_options(url, self.retry.timeout, opts, retries=0)
-            self._fs, _ = fsspec.core.url_to_fs(url, **opts)
+            self._fs, _ = filesystem(url, **opts)
         return self._fs
 
     def _http(self) -> HttpRanges | None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from ..formats.storage import pin
 from .errors import AccessDenied, RemoteError, ShardMissing
 from .remote import TRANSIENT_STATUS, HttpRanges, RetryPolicy, _reason, _span, _Transient
 
@@ -61,7 +62,7 @@ class S3Ranges(HttpRanges):
 
     def __init__(self, s3fs, policy: RetryPolicy):
         import fsspec
-        super().__init__(fsspec.filesystem("http"), policy)
+        super().__init__(pin(fsspec.filesystem("http")), policy)
         self.s3fs = s3fs
         self._signed: dict[str, tuple[str, float]] = {}   # s3 URL -> (presigned, when)
 
