@@ -66,13 +66,15 @@ class SwDPPPolicy(Policy):
     weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance") or
                min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
-    Every epoch reads exactly K = round(keep N) (`anneal=0`, no full epochs to pay for).
+    `anneal=0`: every epoch reads exactly K = round(keep N), no full epochs to pay for.
     `anneal` > 0, `anneal_shape="step"`: the last F = ceil(anneal E) epochs train on full
     data (InfoBatch's annealing) and the others pay for them, K = round(keep' N),
     keep' = (keep E - F) / (E - F); the sine schedule then spans the E - F pruned epochs.
     `anneal_shape="ramp"`: over the last F epochs the kept fraction rises linearly from
     keep' to 1 (epoch E - F + j keeps keep' + (1 - keep')(j + 1)/F, the last one is full),
     keep' = (keep E - (F + 1)/2) / (E - (F + 1)/2): the same run budget.
+    `anneal=None` (the default since session 10): F = round(E / 8) from E = 12 on (see
+    `_anneal_epochs`).
     """
 
     name = "swdpp"
@@ -80,7 +82,7 @@ class SwDPPPolicy(Policy):
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "none", max_weight: float = 2.0,
-                 mixup: float = 0.0, anneal: float = 0.0, q: str = "above_mean",
+                 mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
                  anneal_shape: str = "step") -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
@@ -105,38 +107,58 @@ class SwDPPPolicy(Policy):
         self.temperature, self.std_coef, self.floor = float(temperature), float(std_coef), float(floor)
         self.tilt, self.schedule, self.weights = float(tilt), schedule, weights
         self.max_weight, self.mixup, self.q = float(max_weight), float(mixup), q
-        if not 0.0 <= anneal < 1.0:
+        if anneal is not None and not 0.0 <= anneal < 1.0:
             raise ValueError(f"swdpp anneal (fraction of final full-data epochs) must be in [0, 1), got {anneal!r}")
         if anneal_shape not in ANNEALS:
             raise ValueError(f"swdpp anneal_shape must be one of {ANNEALS}, got {anneal_shape!r}")
-        self.anneal, self.anneal_shape = float(anneal), anneal_shape
+        self.anneal, self.anneal_shape = anneal, anneal_shape
+        self.anneal_epochs = self._anneal_epochs(anneal)
+        f, e = self.anneal_epochs, self.epochs
         self.pruned_keep, self.pruned_epochs = self.keep, self.epochs
-        if anneal > 0.0 and self.keep < 1.0:
-            if self.epochs is None:
-                raise ValueError("swdpp anneal needs epochs (the full epochs are paid for by the others)")
-            e = self.epochs
-            f = math.ceil(anneal * e)
-            paid = f if anneal_shape == "step" else (f + 1) / 2   # full epochs' worth above keep'
-            if f >= e or self.keep * e - paid <= 0:
-                raise ValueError(f"swdpp keep={self.keep} over {e} epochs leaves nothing for the pruned "
-                                 f"epochs once {f} annealing epoch(s) are paid for; lower anneal")
+        if f:
             self.pruned_epochs = e - f
-            self.pruned_keep = (self.keep * e - paid) / (e - paid)
+            self.pruned_keep = (self.keep * e - self._paid(f)) / (e - self._paid(f))
         self._credits = Credits()
 
+    def _paid(self, f: int) -> float:
+        """Full epochs' worth of samples that F annealing epochs read above keep'."""
+        return f if self.anneal_shape == "step" else (f + 1) / 2
+
+    def _anneal_epochs(self, anneal: float | None) -> int:
+        """F, the annealing epochs: ceil(anneal E) for a given `anneal` (an error if the
+        run cannot pay for them); for `anneal=None` (the default) round(E / 8) where that
+        is at least 2 (E >= 12: 4 of 30 epochs, as measured; a run of 10 epochs lost with
+        1 or 2), and none where E is unknown or a pruned epoch would keep less than half
+        of `keep`."""
+        if self.keep >= 1.0 or anneal == 0.0:
+            return 0
+        e = self.epochs
+        if anneal is None:
+            f = math.floor(e / 8 + 0.5) if e is not None else 0
+            if not 2 <= f < e:
+                return 0
+            return f if self.keep * e - self._paid(f) >= (e - self._paid(f)) * self.keep / 2 else 0
+        if e is None:
+            raise ValueError("swdpp anneal needs epochs (the full epochs are paid for by the others)")
+        f = math.ceil(anneal * e)
+        if f >= e or self.keep * e - self._paid(f) <= 0:
+            raise ValueError(f"swdpp keep={self.keep} over {e} epochs leaves nothing for the pruned "
+                             f"epochs once {f} annealing epoch(s) are paid for; lower anneal")
+        return f
+
     def is_full_epoch(self, epoch: int) -> bool:
-        """keep 1, or one of the last `anneal` epochs ("step"; "ramp": the last epoch)."""
+        """keep 1, or one of the last F epochs ("step"; "ramp": the last epoch)."""
         if self.keep >= 1.0:
             return True
-        if self.anneal <= 0.0 or self.epochs is None:
+        if not self.anneal_epochs:
             return False
         return epoch >= (self.pruned_epochs if self.anneal_shape == "step" else self.epochs - 1)
 
     def epoch_keep(self, epoch: int) -> float:
         """keep, or keep' (rising to 1 over a ramp) when annealing is paid for (see the
         class docstring)."""
-        if self.anneal_shape == "ramp" and self.anneal > 0.0 and epoch >= self.pruned_epochs:
-            f = self.epochs - self.pruned_epochs
+        if self.anneal_shape == "ramp" and self.anneal_epochs and epoch >= self.pruned_epochs:
+            f = self.anneal_epochs
             return min(1.0, self.pruned_keep + (1.0 - self.pruned_keep) * (epoch - self.pruned_epochs + 1) / f)
         return self.pruned_keep
 
