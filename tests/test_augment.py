@@ -49,6 +49,33 @@ def test_header_sizes_match_pil_and_dali():
     assert hw.tolist() == [[5, 7], [300, 500], [0, 0]]
 
 
+def test_sizes_of_other_formats_come_from_pil_as_dali_decodes_them():
+    """Headers our parser does not read (BMP, TIFF, a rotated TIFF and WebP) get their size from PIL,
+    EXIF orientation applied as DALI's decoders apply it: the DALI backend cuts the crop
+    window in pixels from these sizes (no size read in its graph)."""
+    from nvidia.dali import fn, pipeline_def
+
+    def encoded(fmt: str, h: int, w: int, **kw) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(buf, fmt, **kw)
+        return buf.getvalue()
+    ex = Image.Exif()
+    ex[0x0112] = 8
+    samples = [encoded("BMP", 30, 50), encoded("TIFF", 41, 23), encoded("TIFF", 20, 60, exif=ex.tobytes()),
+               encoded("WEBP", 17, 29, exif=ex.tobytes())]
+    assert [image_hw(s) for s in samples] == [None] * 4
+    hw = batch_hw([np.frombuffer(s, np.uint8) for s in samples])
+
+    @pipeline_def(batch_size=len(samples), num_threads=1, device_id=None)
+    def decode():
+        return fn.decoders.image(fn.external_source(lambda: [np.frombuffer(s, np.uint8) for s in samples],
+                                                    batch=True))
+    p = decode()
+    p.build()
+    dali = [list(np.asarray(t).shape[:2]) for t in p.run()[0]]
+    assert hw.tolist() == dali == [[30, 50], [41, 23], [60, 20], [29, 17]]
+
+
 def _windows(hw: np.ndarray, seed: int = 0):
     spec = get_augment("imagenet", True, 3, None)
     p = sample_params(spec, len(hw), seed, 3, 0, 5, hw)

@@ -72,9 +72,11 @@ class _Callback:
                "meta": meta_to_array(sb.meta)}
         if "flip" in self.fields:
             h = table.header
+            hw = batch_hw(sb.payload) if self.spec.mode == "rrc" else None
             p = sample_params(self.spec, len(sb.meta), h.seed, h.epoch, h.rank,
-                              h.first_step + info.iteration,
-                              batch_hw(sb.payload) if self.spec.mode == "rrc" else None)
+                              h.first_step + info.iteration, hw)
+            if hw is not None:
+                p.anchor, p.shape = _pixel_windows(p.anchor, p.shape, hw)
             out.update(anchor=p.anchor, shape=p.shape, flip=p.flip)
         if "length" in self.fields:
             out["length"] = sb.meta["length"].astype(np.float32).reshape(-1, 1)
@@ -90,7 +92,7 @@ class _Callback:
 def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool = False):
     """Apply ``spec`` to decoded HWC uint8 images (DataNodes on CPU or GPU); ``cropped``:
     the decoder already cut the random-resized-crop window (ROI decode).  For "rrc" the
-    window is in pixels (:func:`_rrc_window`)."""
+    window is in pixels (:func:`_pixel_windows`)."""
     from nvidia.dali import fn, types
 
     if spec.mode == "pad_crop":
@@ -114,16 +116,23 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool
                                     mean=list(spec.mean), std=list(spec.std), **kw)
 
 
-def _rrc_window(payload, anchor, shape, encoded: bool):
-    """The planned relative crop window -> whole pixels inside the image, at least 1x1
-    (:func:`augment.rrc_pixels`, the torch backend's formula): DALI's own rounding of a
-    normalized window gives a 0-pixel crop on tiny images (1x1, 1x7), which fails the
-    batch.  The image's size comes from its header (encoded) or its array (raw pixels)."""
-    from nvidia.dali import fn, math, types
+def _pixel_windows(anchor: np.ndarray, shape: np.ndarray, hw: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The planned relative crop windows -> whole pixels inside each image, at least 1x1
+    (:func:`augment.rrc_pixels`, the torch backend's formula, in float32 as there),
+    float32 ``[B, 2]`` each.
 
-    dims = fn.peek_image_shape(payload) if encoded else payload.shape()
-    hw = fn.cast(dims[0:2], dtype=types.FLOAT)
-    return rrc_pixels(anchor, shape, hw, math.min, math.max, math.floor)
+    Computed here, in the callback, from the sizes read from the headers (``hw``,
+    :func:`formats.imagesize.batch_hw`) rather than in the graph (``peek_image_shape`` and
+    a chain of arithmetic operators per sample).  An image whose header neither our parser
+    nor PIL reads counts as not decodable (``backend.decodable``): it gets a 1x1 window at
+    the corner, which any image has, and if its decoding fails the usual bad-sample path
+    takes over."""
+    hw = hw.astype(np.float32)
+    a, s = rrc_pixels(anchor, shape, hw)
+    unknown = ~(hw > 0).all(axis=1)
+    a[unknown], s[unknown] = 0.0, 1.0
+    return a.astype(np.float32), s.astype(np.float32)
 
 
 def _output_fields(spec: AugmentSpec, trim: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -178,9 +187,6 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
             payload = fn.slice(payload, np.zeros(1, np.float32), node["length"], axes=[0],
                                normalized_anchor=False, normalized_shape=False)
         cropped = spec.mode == "rrc" and codec not in ("raw", "npy")
-        if spec.mode == "rrc":
-            node["anchor"], node["shape"] = _rrc_window(payload, node["anchor"], node["shape"],
-                                                        encoded=cropped)
         decode_kw = dict(device="mixed" if gpu else "cpu",
                          output_type=types.GRAY if cfg.channels == 1 else types.RGB)
         if codec in ("raw", "npy"):

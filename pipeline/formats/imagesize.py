@@ -9,15 +9,18 @@ decode/augment.py); the reader has the bytes in hand, so a few byte reads give i
   (0x0112) values 5-8 swap them, as decoders that honour the orientation do (DALI's
   ``adjust_orientation`` default).
 * PNG: IHDR's width and height (bytes 16-23).
-* anything else, or a header that does not parse: ``None`` (the caller falls back to a
-  size-free crop); a damaged image is the decoder's and the reader's business, not this
-  module's.
+* anything else, or a header that does not parse: ``None``; :func:`batch_hw` then asks
+  PIL, which reads the header of every format it opens (no pixels decoded), and gives 0
+  where PIL cannot either (the caller falls back to a size-free crop); a damaged image is
+  the decoder's and the reader's business, not this module's.
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 
-__all__ = ["image_hw", "batch_hw"]
+__all__ = ["image_hw", "batch_hw", "pil_hw"]
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -89,13 +92,29 @@ def _parse(b: bytes) -> tuple[int, int] | None:
 
 def batch_hw(payloads) -> np.ndarray:
     """int64 ``[B, 2]``: each payload's ``(height, width)``; 0 where unknown.  A payload
-    that is an array of pixels (ndim 3, raw/npy codecs) gives its own shape."""
+    that is an array of pixels (ndim 3, raw/npy codecs) gives its own shape; a header
+    :func:`image_hw` does not read (another format, a frame header past ``HEAD``) is
+    asked of PIL (:func:`pil_hw`)."""
     out = np.zeros((len(payloads), 2), np.int64)
     for j, p in enumerate(payloads):
         if getattr(p, "ndim", 1) == 3:
             out[j] = p.shape[:2]
             continue
         hw = image_hw(p)
-        if hw is not None:
-            out[j] = hw
+        out[j] = hw if hw is not None else pil_hw(p)
     return out
+
+
+def pil_hw(b) -> tuple[int, int]:
+    """``(height, width)`` as decoded (EXIF orientation 5-8 swaps them) from PIL's reading
+    of the header (no pixels decoded); ``(0, 0)`` where PIL cannot read it.  PIL's TIFF
+    reader already reports the oriented size; its other readers the stored one."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(memoryview(b).tobytes())) as im:
+            w, h = im.size
+            turned = im.format != "TIFF" and im.getexif().get(0x0112) in (5, 6, 7, 8)
+            return (w, h) if turned else (h, w)
+    except Exception:  # noqa: BLE001 - any failure means "size unknown"
+        return 0, 0
