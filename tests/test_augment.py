@@ -20,6 +20,20 @@ def _jpeg(h: int, w: int, **kw) -> bytes:
     return buf.getvalue()
 
 
+def _exif_after_frame_header(jpeg: bytes) -> bytes:
+    """The same JPEG with its APP1 Exif segment moved after the frame header (SOF0):
+    legal, and the decoders still apply its orientation."""
+    segs, i = [], 2
+    while jpeg[i + 1] != 0xDA:
+        n = (jpeg[i + 2] << 8) | jpeg[i + 3]
+        segs.append(jpeg[i:i + 2 + n])
+        i += 2 + n
+    app1 = [g for g in segs if g[1] == 0xE1]
+    rest = [g for g in segs if g[1] != 0xE1]
+    k = next(j for j, g in enumerate(rest) if g[1] == 0xC0) + 1
+    return jpeg[:2] + b"".join(rest[:k] + app1 + rest[k:]) + jpeg[i:]
+
+
 def test_header_sizes_match_pil_and_dali():
     from nvidia.dali import fn, pipeline_def
 
@@ -28,10 +42,13 @@ def test_header_sizes_match_pil_and_dali():
     ex[0x0112] = 6                                   # rotated 90 degrees: decoders swap h and w
     ex[0x010E] = "x" * 20000                         # a large APP1 before the frame header
     samples.append(_jpeg(50, 80, exif=ex.tobytes()))
+    ex6 = Image.Exif()
+    ex6[0x0112] = 6
+    samples.append(_exif_after_frame_header(_jpeg(40, 70, exif=ex6.tobytes())))
     buf = io.BytesIO()
     Image.new("RGB", (33, 21)).save(buf, "PNG")
     samples.append(buf.getvalue())
-    want = SIZES + [(120, 90), (80, 50), (21, 33)]
+    want = SIZES + [(120, 90), (80, 50), (70, 40), (21, 33)]
     assert [image_hw(s) for s in samples] == want
     assert [image_hw(np.frombuffer(s, np.uint8)) for s in samples] == want
 

@@ -4,10 +4,10 @@ The augmentation planner needs each image's size to draw a random-resized crop a
 torchvision and DALI define it (an area and an aspect ratio in pixels, see
 decode/augment.py); the reader has the bytes in hand, so a few byte reads give it:
 
-* JPEG: the marker chain from SOI to the first frame header (SOF0-15 but DHT/JPG/DAC),
-  whose height and width are bytes 5-8; an APP1 ``Exif`` segment's IFD0 orientation tag
-  (0x0112) values 5-8 swap them, as decoders that honour the orientation do (DALI's
-  ``adjust_orientation`` default).
+* JPEG: the marker chain from SOI to the first scan (SOS): the frame header (SOF0-15 but
+  DHT/JPG/DAC) gives height and width (bytes 5-8); an APP1 ``Exif`` segment's IFD0
+  orientation tag (0x0112) values 5-8 swap them, before or after the frame header, as
+  decoders that honour the orientation do (DALI's ``adjust_orientation`` default).
 * PNG: IHDR's width and height (bytes 16-23).
 * anything else, or a header that does not parse: ``None``; :func:`batch_hw` then asks
   PIL, which reads the header of every format it opens (no pixels decoded), and gives 0
@@ -52,21 +52,25 @@ def image_hw(b) -> tuple[int, int] | None:
     decodes (EXIF orientation applied); ``None`` when the header does not say (or lies
     beyond the first ``HEAD`` bytes)."""
     view = memoryview(b)
-    hw = _parse(view[:FIRST].tobytes())   # the frame header is nearly always this early
+    hw = _parse(view[:FIRST].tobytes(), final=len(view) <= FIRST)  # nearly always enough
     if hw is None and len(view) > FIRST:
-        hw = _parse(view[:HEAD].tobytes())
+        hw = _parse(view[:HEAD].tobytes(), final=True)
     return hw
 
 
-def _parse(b: bytes) -> tuple[int, int] | None:
+def _parse(b: bytes, final: bool) -> tuple[int, int] | None:
+    """The size in the header bytes ``b``.  A JPEG's markers are followed up to its first
+    scan (SOS), not only to its frame header: an Exif block after the frame header still
+    turns the image for the decoders.  ``final``: ``b`` is all there is to look at (a JPEG
+    whose scan does not start within ``b`` then gives the frame header's size as found)."""
     n = len(b)
     if n >= 24 and b[:8] == _PNG and b[12:16] == b"IHDR":
         w, h = int.from_bytes(b[16:20], "big"), int.from_bytes(b[20:24], "big")
         return (h, w) if h and w else None
     if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
         return None
-    i, swap = 2, False
-    while i + 9 < n:
+    i, swap, hw = 2, False, None
+    while i + 3 < n:
         if b[i] != 0xFF:
             return None
         m = b[i + 1]
@@ -76,18 +80,27 @@ def _parse(b: bytes) -> tuple[int, int] | None:
         if 0xD0 <= m <= 0xD7 or m == 0x01:     # standalone markers
             i += 2
             continue
+        if m in (0xDA, 0xD9):                  # the first scan (or the end): headers done
+            break
         seg = (b[i + 2] << 8) | b[i + 3]
-        if m in _SOF:
+        if seg < 2:
+            return None
+        if m in _SOF and hw is None:
+            if i + 9 > n:
+                break
             h, w = (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
             if not (h and w):
                 return None
-            return (w, h) if swap else (h, w)
-        if m in (0xDA, 0xD9) or seg < 2:       # a scan or the end before any frame
-            return None
-        if m == 0xE1 and b[i + 4:i + 10] == b"Exif\0\0":
+            hw = (h, w)
+        elif m == 0xE1 and b[i + 4:i + 10] == b"Exif\0\0":
             swap = _exif_swaps(b, i + 10, min(n, i + 2 + seg))
         i += 2 + seg
-    return None
+    else:
+        if not final:                          # the scan may start past these bytes
+            return None
+    if hw is None:
+        return None
+    return (hw[1], hw[0]) if swap else hw
 
 
 def batch_hw(payloads) -> np.ndarray:
