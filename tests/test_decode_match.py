@@ -104,3 +104,21 @@ def test_backends_agree_on_formats_beyond_cifar(tmp_path):
     upright, rotated = out["rgb"]["dali"], out["exif6"]["dali"]
     assert (upright - rotated).abs().mean().item() > 0.3
     assert (out["exif6"]["torch"] - torch.rot90(upright, -1, (1, 2))).abs().mean().item() < 0.1
+
+
+def test_raw_payloads_from_read_only_bytes_decode_quietly_and_unshared():
+    """Raw pixels arrive as read-only views of the bytes read; the torch backend copies
+    them (torch warned "not writable" once per run, and a tensor sharing them could be
+    written in place)."""
+    import numpy as np
+
+    from pipeline.decode.torch_backend import decode
+
+    raw = bytes(range(48))
+    payload = np.frombuffer(raw, np.uint8).reshape(4, 4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        img = decode(payload, "raw", 3)
+    assert img.shape == (3, 4, 4) and img.permute(1, 2, 0).flatten().tolist() == list(raw)
+    img.add_(1)
+    assert payload.flatten().tolist() == list(raw)

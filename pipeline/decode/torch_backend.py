@@ -92,7 +92,10 @@ def decode(payload: np.ndarray, codec: str, channels: int, checked: bool = False
     check of read/sniff.py goes to PIL too, which raises; ``checked``: the reader already
     ran that check (no checksum to verify)."""
     if codec in ("raw", "npy") or payload.ndim == 3:
-        return torch.from_numpy(np.ascontiguousarray(payload)).permute(2, 0, 1)
+        a = np.ascontiguousarray(payload)
+        if not a.flags.writeable:  # bytes read from storage: torch would warn, and may write
+            a = a.copy()
+        return torch.from_numpy(a).permute(2, 0, 1)
     head = payload[:8].tobytes()
     png = head == PNG_SIGNATURE
     if not (png or head[:2] == b"\xff\xd8") or (png and not checked and not plausible_image(payload)):
