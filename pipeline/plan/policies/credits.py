@@ -13,9 +13,17 @@ largest p), it is never taken twice in an epoch, and with all p_i = K/N it is RS
 sampling without replacement (a sample returns only once every other has had its turn,
 give or take the epoch that straddles two rounds). Exactly K per epoch.
 
-The credits are the policy's state: one array per epoch, kept for the epoch being planned
-and the next one, saved in the Loader's state and restored on resume, so a resumed or
-re-planned epoch gets the same selection (docs/algorithm.md, "Carry-over credits").
+A gap bound G (optional, `swdpp` sets it from its smallest probability) makes "never
+unseen for more than G epochs in a row" a guarantee rather than a tendency: a sample left
+out of the last G epochs is due, and the due samples are taken before any other (by
+credit among themselves). Credits alone keep the gap near 1/p_min, but a sample whose
+p_i falls (a hard sample turning easy) can sit one epoch longer; the guard moves a few
+such samples ahead (tested: gap <= G with the default policy over 30 annealed epochs).
+
+The credits and the epochs since each sample was last taken are the policy's state: kept
+for the epoch being planned and the next one, saved in the Loader's state and restored on
+resume, so a resumed or re-planned epoch gets the same selection (docs/algorithm.md,
+"Carry-over credits").
 """
 from __future__ import annotations
 
@@ -32,60 +40,88 @@ __all__ = ["carry_over", "Credits"]
 _GRID = 1e-9
 
 
-def carry_over(credits: np.ndarray, p: np.ndarray, k: int, rng: np.random.Generator
+def carry_over(credits: np.ndarray, p: np.ndarray, k: int, rng: np.random.Generator,
+               since: np.ndarray | None = None, gap: int | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids of the K taken samples in ascending order, the credits after this epoch)."""
+    """(ids of the K taken samples in ascending order, the credits after this epoch).
+    With ``since`` (epochs since each sample was last taken) and a bound ``gap``, the
+    samples left out of the last ``gap`` epochs come first."""
     c = np.add(credits, p, dtype=np.float64)
-    ids = np.sort(_top_k(np.round(c / _GRID) * _GRID, int(k), rng))
+    key = np.round(c / _GRID) * _GRID
+    if gap is not None and since is not None:
+        due = since >= gap
+        if due.any():  # above every other key, in the same order among themselves
+            key = np.where(due, key + (key.max() - key.min() + 1.0), key)
+    ids = np.sort(_top_k(key, int(k), rng))
     c[ids] -= 1.0
     return ids, c
 
 
 class Credits:
-    """The credits of one run: those at the start of the epoch last planned, and after it.
+    """The credits of one run: those at the start of the epoch last planned, and after it,
+    with the epochs since each sample was last taken (the same two moments).
 
-    `take(p, epoch, k, rng)` plans `epoch` from the credits at its start; asking for the
+    `take(p, epoch, k, rng, gap)` plans `epoch` from the state at its start; asking for the
     same epoch again gives the same ids, asking for the next one moves on. A fresh object
-    starts at 0 credits at the first epoch it is asked for.
+    starts at 0 credits (and nothing overdue) at the first epoch it is asked for.
     """
 
     def __init__(self) -> None:
         self.epoch: int | None = None
         self.start: np.ndarray | None = None      # credits at the start of `epoch`
         self.after: np.ndarray | None = None      # credits after `epoch` (once planned)
+        self.since: np.ndarray | None = None      # epochs since last taken, at the start
+        self.since_after: np.ndarray | None = None
 
-    def take(self, p: np.ndarray, epoch: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    def take(self, p: np.ndarray, epoch: int, k: int, rng: np.random.Generator,
+             gap: int | None = None) -> np.ndarray:
         """The ids taken in `epoch` (see the class docstring)."""
         n = p.size
         if self.epoch is None or self.start is None:
             self.epoch, self.start, self.after = int(epoch), np.zeros(n), None
+            self.since, self.since_after = np.zeros(n, np.int64), None
         elif epoch == self.epoch + 1 and self.after is not None:
             self.epoch, self.start, self.after = int(epoch), self.after, None
+            self.since, self.since_after = self.since_after, None
         elif epoch != self.epoch:
             raise RuntimeError(f"the policy's credits are at epoch {self.epoch}; epochs are planned "
                                f"in order (asked for epoch {epoch}): load the state saved at epoch "
                                f"{epoch} to resume there")
         if self.start.size != n:
             raise ValueError(f"the credits are for {self.start.size} samples, the scores for {n}")
-        ids, self.after = carry_over(self.start, p, k, rng)
+        if self.since is None or self.since.size != n:  # a state saved before session 11
+            self.since = np.zeros(n, np.int64)
+        ids, self.after = carry_over(self.start, p, k, rng, self.since, gap)
+        self.since_after = self.since + 1
+        self.since_after[ids] = 0
         return ids
 
     def state_dict(self) -> dict[str, Any]:
         """Torch tensors and ints (safe for torch.load(weights_only=True))."""
         import torch
 
-        t = lambda a: torch.from_numpy(np.array(a if a is not None else np.zeros(0), np.float64))  # noqa: E731
-        return {"epoch": -1 if self.epoch is None else self.epoch, "start": t(self.start), "after": t(self.after)}
+        def t(a, dtype):
+            return torch.from_numpy(np.array(a if a is not None else np.zeros(0), dtype))
+        return {"epoch": -1 if self.epoch is None else self.epoch, "start": t(self.start, np.float64),
+                "after": t(self.after, np.float64), "since": t(self.since, np.int64),
+                "since_after": t(self.since_after, np.int64)}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
-        """Restore from `state_dict()` (torch tensors or numpy arrays)."""
-        def arr(key: str) -> np.ndarray | None:
+        """Restore from `state_dict()` (torch tensors or numpy arrays); a state saved before
+        the gap bound existed (no ``since``) restarts the count of unseen epochs at 0."""
+        def arr(key: str, dtype) -> np.ndarray | None:
+            if key not in sd:
+                return None
             a = sd[key]
-            a = np.asarray(a.numpy() if hasattr(a, "numpy") else a, np.float64).reshape(-1)
+            a = np.asarray(a.numpy() if hasattr(a, "numpy") else a, dtype).reshape(-1)
             return a.copy() if a.size else None
         epoch = int(sd["epoch"])
         self.epoch = None if epoch < 0 else epoch
-        self.start, self.after = arr("start"), arr("after")
+        self.start, self.after = arr("start", np.float64), arr("after", np.float64)
+        self.since, self.since_after = arr("since", np.int64), arr("since_after", np.int64)
         for name, a in (("start", self.start), ("after", self.after)):
             if a is not None and not np.isfinite(a).all():
                 raise ValueError(f"the policy state's credits ({name}) hold non-finite values")
+        for name, a in (("since", self.since), ("since_after", self.since_after)):
+            if a is not None and (a < 0).any():
+                raise ValueError(f"the policy state's unseen-epoch counts ({name}) hold negative values")

@@ -162,10 +162,20 @@ class SwDPPPolicy(Policy):
             return min(1.0, self.pruned_keep + (1.0 - self.pruned_keep) * (epoch - self.pruned_epochs + 1) / f)
         return self.pruned_keep
 
+    def p_floor(self, k: int, n: int) -> float:
+        """f, the smallest p_i: `floor` times the run's keep (not the pruned epochs'
+        keep', which annealing lowers), at most K/N."""
+        return min(self.floor * self.keep, k / n)
+
+    def gap_bound(self, k: int, n: int) -> int:
+        """G = ceil(1 / f): no sample is left out of more than G epochs in a row (the
+        credits' guard, `credits.carry_over`); 3 at keep 0.7, 4 at keep 0.5."""
+        return max(1, math.ceil(1.0 / self.p_floor(k, n) - 1e-9))
+
     def probabilities(self, scores: Scores, epoch: int, k: int) -> tuple[np.ndarray, dict[str, Any]]:
         """p float64[N] (sum K, each in [f, 1]) and diagnostics, before the selection."""
         n = len(scores)
-        f = self.floor * k / n
+        f = self.p_floor(k, n)
         lam = tilt_strength(epoch, self.pruned_epochs, self.tilt, self.schedule)
         info: dict[str, Any] = {"tilt": lam, "p_floor": f}
         if lam <= 0.0 or f >= 1.0:
@@ -182,7 +192,7 @@ class SwDPPPolicy(Policy):
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         n = len(scores)
         p, info = self.probabilities(scores, epoch, k)
-        ids = self._credits.take(p, epoch, k, rng)
+        ids = self._credits.take(p, epoch, k, rng, gap=self.gap_bound(k, n))
         sel = np.zeros(n)
         sel[ids] = 1.0
         weight = np.ones(n, np.float32)
