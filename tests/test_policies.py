@@ -38,6 +38,7 @@ def test_registry_names():
     ("swdpp", {"floor": 0.0}, r"floor .* must be in \(0, 1\]"),
     ("swdpp", {"schedule": "cosine"}, "schedule must be one of"),
     ("swdpp", {"weights": "unbiased"}, "weights must be one of"),
+    ("swdpp", {"guard": "yes"}, "guard must be true or false"),
     ("infobatch", {"budget": "total"}, "budget must be"),
     ("infobatch", {"r": 1.0}, r"r .* must be in \(0, 1\)"),
     ("eps_greedy", {"eps": 2.0}, "eps"),
