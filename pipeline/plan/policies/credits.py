@@ -13,8 +13,8 @@ largest p), it is never taken twice in an epoch, and with all p_i = K/N it is RS
 sampling without replacement (a sample returns only once every other has had its turn,
 give or take the epoch that straddles two rounds). Exactly K per epoch.
 
-A gap bound G (optional; `swdpp` with `guard=True` sets it from its smallest probability) makes "never
-unseen for more than G epochs in a row" a guarantee rather than a tendency: a sample left
+A gap bound G (optional; `swdpp` with `guard=True` sets it from its smallest probability)
+makes "never unseen for more than G epochs in a row" a guarantee rather than a tendency: a sample left
 out of the last G epochs is due, and the due samples are taken before any other (by
 credit among themselves). Credits alone keep the gap near 1/p_min, but a sample whose
 p_i falls (a hard sample turning easy) can sit one epoch longer; the guard moves a few
