@@ -14,9 +14,9 @@ sampling without replacement (a sample returns only once every other has had its
 give or take the epoch that straddles two rounds). Exactly K per epoch.
 
 A gap bound G (optional; `swdpp` with `guard=True` sets it from its smallest probability)
-makes "never unseen for more than G epochs in a row" a guarantee rather than a tendency: a sample left
-out of the last G epochs is due, and the due samples are taken before any other (by
-credit among themselves). Credits alone keep the gap near 1/p_min, but a sample whose
+makes "never unseen for more than G epochs in a row" a guarantee rather than a tendency:
+a sample left out of the last G epochs is due, and the due samples are taken before any
+other (by credit among themselves). Credits alone keep the gap near 1/p_min, but a sample whose
 p_i falls (a hard sample turning easy) can sit one epoch longer; the guard moves a few
 such samples ahead (tested: gap <= G over 30 annealed epochs; it cost accuracy at 30
 epochs on CIFAR-10, hence off by default, docs/algorithm.md).
