@@ -5,15 +5,18 @@
 Rows (imagenet preset: random-resized crop 224, flip, normalize; batch ``--batch``):
   * ``loader`` / ``loader_k0.7``: pipeline.Loader, DALI backend on ``cuda`` (``mixed``
     decode of the planned crop window, augmentation on the GPU, batches stay on the GPU),
-    policy full at keep 1.0, uniform at keep 0.7; suffixes ``_wN`` (reader processes) and
-    ``_tN`` (DALI threads) override the Loader's defaults, e.g. ``loader_w4_t8``;
+    policy full at keep 1.0, uniform at keep 0.7; suffixes ``_wN`` (reader processes),
+    ``_tN`` (DALI threads), ``_qN`` (prefetch depth), ``_packed`` / ``_rows``
+    (``DecodeOptions.payload``) override the Loader's defaults, e.g. ``loader_w4_t8``;
   * ``dali_reader``: DALI ``fn.readers.webdataset`` + ``decoders.image_random_crop``
     (``mixed``) + ``resize`` + ``crop_mirror_normalize`` on the GPU, output handed to torch
-    on the GPU (no host round trip);
+    on the GPU (no host round trip); ``dali_reader_tN``: with N DALI threads;
   * ``tv_cuda``: webdataset + DataLoader (``--tv-workers``, raw bytes) + ``torchvision.io.decode_jpeg
     (device="cuda")`` on the batch + torchvision v2 resized crop / flip / normalize on the GPU.
 One warm-up epoch per row, then ``--repeats`` rounds with the rows interleaved; best and
-median images/s and milliseconds per batch (the GPU synchronised at the end of each epoch).
+median images/s and milliseconds per batch (the GPU synchronised at the end of each epoch),
+the wait for each epoch's first batch and the images/s of the rest of the epoch (a Loader
+restarts its pipeline per epoch, with the next epoch's plan; DALI's reader runs on).
 A row whose library is missing (DALI not installed) is reported as skipped, not timed.
 """
 from __future__ import annotations
@@ -34,21 +37,25 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SIZE = 224
 
 
-def loader_row(ds, keep: float, batch: int, threads: int | None, workers: int | None = None):
+def loader_row(ds, keep: float, batch: int, threads: int | None, workers: int | None = None,
+               payload: str = "auto", prefetch: int | None = None):
     import pipeline
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy="full" if keep >= 1 else "uniform",
                         epochs=1000, seed=0, backend="dali", device="cuda", augment="imagenet",
                         **({} if workers is None else {"num_workers": workers}),
-                        options=pipeline.LoaderOptions.of(num_threads=threads))  # None: defaults
+                        options=pipeline.LoaderOptions.of(
+                            num_threads=threads, payload=payload,  # None: defaults
+                            **({} if prefetch is None else {"prefetch": prefetch})))
     e = [0]
 
     def run():
-        n = 0
+        n, first = 0, None
         for b in L.epoch(e[0]):
             assert b.images.is_cuda
             n += int((b.ids >= 0).sum())
+            first = first or (time.perf_counter(), n)
         e[0] += 1
-        return n
+        return n, first
     return run
 
 
@@ -75,7 +82,7 @@ def dali_row(shards, batch: int, threads: int):
     buf = {}
 
     def run():
-        n = 0
+        n, first = 0, None
         for _ in range(-(-total // batch)):
             img, cls = pipe.run()
             t = img.as_tensor()
@@ -84,7 +91,8 @@ def dali_row(shards, batch: int, threads: int):
                 buf[shape] = torch.empty(shape, dtype=torch.float32, device="cuda")
             feed_ndarray(t, buf[shape], cuda_stream=torch.cuda.current_stream())
             n += len(cls)
-        return min(n, total)
+            first = first or (time.perf_counter(), n)
+        return min(n, total), first
     return run
 
 
@@ -109,7 +117,7 @@ def tv_row(shards, batch: int, workers: int):
     def run():
         ds = wds.WebDataset(shards, shardshuffle=False, empty_check=False).to_tuple("jpg", "cls").map(raw)
         dl = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, collate_fn=collate)
-        n = 0
+        n, first = 0, None
         for data, y in dl:
             imgs = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
             x = torch.stack([crop(im) for im in imgs]).float()
@@ -117,7 +125,8 @@ def tv_row(shards, batch: int, workers: int):
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
             x = (x - mean) / std
             n += len(y)
-        return n
+            first = first or (time.perf_counter(), n)
+        return n, first
     return run
 
 
@@ -130,7 +139,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", nargs="*", default=["loader", "loader_k0.7", "dali_reader", "tv_cuda"],
                     help="loader rows take _kKEEP, _wWORKERS (reader processes), _tTHREADS (DALI "
-                         "threads) suffixes, else the Loader's defaults: loader_k0.7, loader_w4_t8")
+                         "threads), _qPREFETCH, _packed / _rows (DecodeOptions.payload) suffixes, else the "
+                         "Loader's defaults: loader_k0.7, loader_w4_t8, loader_packed; "
+                         "dali_reader_tTHREADS: the reader with other than --threads threads")
     ap.add_argument("--profile", metavar="ROW", help="after the table: cProfile of ROW's main thread, 2 epochs")
     a = ap.parse_args(argv)
     import torch
@@ -142,12 +153,17 @@ def main(argv=None) -> dict:
     shards = sorted(glob.glob(os.path.join(a.data, "*.tar")))
     make = {"dali_reader": lambda: dali_row(shards, a.batch, a.threads),
             "tv_cuda": lambda: tv_row(shards, a.batch, a.tv_workers)}
-    for r in a.rows:  # loader[_kKEEP][_wWORKERS][_tTHREADS], e.g. loader_k0.7, loader_w4_t8
+    for r in a.rows:  # loader[_kKEEP][_wN][_tN][_qN][_packed|_rows], dali_reader_tTHREADS
+        tokens = r.split("_")[1:]
+        payload = next((t for t in tokens if t in ("packed", "rows")), "auto")
+        o = {t[0]: t[1:] for t in tokens if t not in ("packed", "rows")}
         if r.startswith("loader"):
-            o = {t[0]: t[1:] for t in r.split("_")[1:]}
-            make[r] = (lambda o: lambda: loader_row(
+            make[r] = (lambda o, payload: lambda: loader_row(
                 ds, float(o.get("k", 1.0)), a.batch, int(o["t"]) if "t" in o else None,
-                int(o["w"]) if "w" in o else None))(o)
+                int(o["w"]) if "w" in o else None, payload,
+                int(o["q"]) if "q" in o else None))(o, payload)
+        elif r.startswith("dali_reader_t"):
+            make[r] = (lambda t: lambda: dali_row(shards, a.batch, t))(int(r.rsplit("_t", 1)[1]))
     runs, skipped = {}, {}
     for r in a.rows:
         try:
@@ -171,26 +187,37 @@ def main(argv=None) -> dict:
                 continue
             t = time.perf_counter()
             try:
-                n = runs[r]()
+                n, (t1, n1) = runs[r]()
                 torch.cuda.synchronize()
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 skipped[r] = f"FAILED in round {k}: {type(e).__name__}"
                 continue
-            dt = time.perf_counter() - t
-            res[r].append((n / dt, 1e3 * dt / -(-n // a.batch)))
-            print(f"round {k} {r:12s} {n / dt:8.0f} img/s", flush=True)
+            t2 = time.perf_counter()
+            dt = t2 - t
+            # the epoch; its first batch's wait (a pipeline that restarts per epoch refills
+            # its queue there); the rest of the epoch (steady state)
+            res[r].append((n / dt, 1e3 * dt / -(-n // a.batch), 1e3 * (t1 - t), (n - n1) / (t2 - t1)))
+            print(f"round {k} {r:16s} {n / dt:8.0f} img/s  first batch {1e3 * (t1 - t):6.1f} ms  "
+                  f"then {(n - n1) / (t2 - t1):8.0f} img/s", flush=True)
     rows = [r for r in rows if res[r]]
     print(f"\nGPU: {torch.cuda.get_device_name(0)}; batch {a.batch}, {len(ds):,} images, "
           f"{a.threads} DALI threads, {os.cpu_count()} CPUs; {date.today()}")
-    print(f"{'row':12s} {'best img/s':>10s} {'median':>8s} {'ms/batch':>9s} {'loader/row':>10s}")
+    print("epoch: whole epochs; first ms: the wait for an epoch's first batch (median); steady: "
+          "the rest of the epoch (median img/s); loader/row: best/median epochs, then steady")
+    print(f"{'row':16s} {'best img/s':>10s} {'median':>8s} {'ms/batch':>9s} {'first ms':>9s} "
+          f"{'steady':>8s} {'loader/row':>10s} {'steady':>7s}")
     base = res.get("loader") or None
+
+    def med(r, i):
+        return statistics.median(v[i] for v in res[r])
     for r in rows:
         ips = [v[0] for v in res[r]]
-        ms = statistics.median(v[1] for v in res[r])
-        rel = (f"{max(v[0] for v in base) / max(ips):.2f}/"
-               f"{statistics.median(v[0] for v in base) / statistics.median(ips):.2f}") if base else "-"
-        print(f"{r:12s} {max(ips):10.0f} {statistics.median(ips):8.0f} {ms:9.1f} {rel:>10s}")
+        rel = (f"{max(v[0] for v in base) / max(ips):.2f}/{med('loader', 0) / med(r, 0):.2f}"
+               if base else "-")
+        srel = f"{med('loader', 3) / med(r, 3):.2f}" if base else "-"
+        print(f"{r:16s} {max(ips):10.0f} {med(r, 0):8.0f} {med(r, 1):9.1f} {med(r, 2):9.1f} "
+              f"{med(r, 3):8.0f} {rel:>10s} {srel:>7s}")
     for r, why in skipped.items():
         print(f"{r:12s} {why}")
     if a.profile in runs:

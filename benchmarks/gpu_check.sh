@@ -5,6 +5,7 @@
 # of the large ones, rejoined here and checked against SHA256SUMS), run the tests marked
 # `gpu` on real data, and print the GPU benchmark table (benchmarks/bench_gpu.py).
 #   bash benchmarks/gpu_check.sh            # everything, bounded by LIMIT seconds (default 480)
+#   TESTS=0 ROWS="loader dali_reader" bash benchmarks/gpu_check.sh   # only those benchmark rows
 #   bash benchmarks/gpu_check.sh photos     # only build the photo shards (from bundle b1:
 #                                           # the data archive and the small wheels), e.g. in
 #                                           # the background while the other bundles travel
@@ -88,6 +89,9 @@ echo "== GPU benchmark ($(left) s left)"
 timeout "$(( $(left) - ${TEST_RESERVE:-150} ))" "$PY" benchmarks/bench_gpu.py --data "$PHOTOS-wds" --repeats "${REPEATS:-5}" \
     ${ROWS:+--rows $ROWS} ${PROFILE:+--profile $PROFILE} 2>&1 | tee "$LOGS/bench_gpu.log"
 bench=${PIPESTATUS[0]}
+if [ "${TESTS:-1}" = 0 ]; then  # a benchmark-only rerun
+    echo "gpu-check: tests not run (TESTS=0), bench exit $bench"; exit "$bench"
+fi
 echo "== tests marked gpu ($(left) s left)"
 timeout "$(( $(left) - 5 ))" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests -rs \
     > "$LOGS/pytest_gpu.log" 2>&1

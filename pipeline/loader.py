@@ -144,7 +144,7 @@ class Loader:
             num_workers=self.num_workers,
             num_threads=opt.decode.num_threads or threads,
             prefetch=opt.decode.prefetch, seed=self.seed,
-            py_start_method=opt.decode.py_start_method))
+            py_start_method=opt.decode.py_start_method, payload=opt.decode.payload))
 
     @classmethod
     def for_eval(cls, ds, batch_size: int, augment: str | None = None, backend: str = "dali",

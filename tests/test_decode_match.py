@@ -122,3 +122,31 @@ def test_raw_payloads_from_read_only_bytes_decode_quietly_and_unshared():
     assert img.shape == (3, 4, 4) and img.permute(1, 2, 0).flatten().tolist() == list(raw)
     img.add_(1)
     assert payload.flatten().tolist() == list(raw)
+
+
+def test_payload_rows_and_packed_give_the_same_batches(cifar_test_wds):
+    """``payload="rows"`` (per-sample views of the packed buffer) and ``"packed"`` (one
+    ``[B, width]`` array) decode to the same pixels, in the main process and from a reader
+    process, padding rows included (keep 0.7 of the test set ends on a padded batch)."""
+    import numpy as np
+    import pytest
+
+    ds = pipeline.open_dataset(cifar_test_wds)
+    for workers in (0, 1):
+        got = {}
+        for payload in ("packed", "rows"):
+            L = pipeline.Loader(ds, 96, keep=0.7, policy="uniform", epochs=1, seed=5,
+                                backend="dali", device="cpu", augment="imagenet",
+                                num_workers=workers,
+                                options=LoaderOptions.of(image_size=24, payload=payload))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                got[payload] = [(b.ids.clone(), b.images.clone()) for b in L.epoch(0)]
+            L.close()
+        assert len(got["rows"]) == len(got["packed"]) > 1
+        assert any((ids < 0).any() for ids, _ in got["rows"])  # a padded batch was compared
+        for (ri, rx), (pi, px) in zip(got["rows"], got["packed"]):
+            np.testing.assert_array_equal(ri.numpy(), pi.numpy())
+            assert torch.equal(rx, px), f"workers={workers}: rows and packed pixels differ"
+    with pytest.raises(ValueError, match="payload must be 'auto', 'packed' or 'rows'"):
+        LoaderOptions.of(payload="list")

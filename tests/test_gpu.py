@@ -118,3 +118,21 @@ def test_gpu_batches_kept_by_the_caller_never_change(cifar_test_wds):
     for b, c in zip(kept, copies):
         torch.testing.assert_close(b.images, c, rtol=0, atol=0)
     L.close()
+
+
+def test_gpu_payload_rows_match_packed(photos_wds):
+    """On the GPU the payloads reach the mixed decoder as per-sample views (``"rows"``,
+    the default there) or as packed rows cut back by ``slice`` (``"packed"``): the same
+    ids and the same pixels."""
+    ds = pipeline.open_dataset(photos_wds)
+    kw = dict(batch_size=16, keep=0.75, policy="uniform", epochs=1, seed=3, backend="dali",
+              device="cuda", augment="imagenet", num_workers=1)
+    out = {}
+    for payload in ("rows", "packed"):
+        with pipeline.Loader(ds, options=pipeline.LoaderOptions.of(image_size=48, payload=payload),
+                             **kw) as L:
+            out[payload] = [(b.ids.cpu(), b.images.cpu()) for b in L.epoch(0)]
+    assert len(out["rows"]) == len(out["packed"]) > 1
+    for (ri, rx), (pi, px) in zip(out["rows"], out["packed"]):
+        assert torch.equal(ri, pi)
+        assert float((rx - px).abs().max()) < 1e-4

@@ -50,15 +50,17 @@ class _Callback:
     length, then ``field.<name>`` for each requested extra member: its bytes, which the
     graph hands back untouched as CPU outputs).  Whatever has a fixed shape goes as one array with a batch dimension: DALI
     ships it through shared memory as one buffer, while a list costs per-sample Python
-    work in the main process.  With ``packed_len`` the payloads arrive as one
-    ``[B, packed_len]`` array read in place; ``length`` lets the GPU graph cut each row
-    back (the CPU decoders ignore the zeros after the image's end marker).
+    work in the main process.  With ``packed_len`` the payloads are read in place into one
+    ``[B, packed_len]`` array, handed on whole (``length`` lets the GPU graph cut each row
+    back; the CPU decoders ignore the zeros after the image's end marker) or, with
+    ``rows``, as one view per sample of just its bytes (no cut in the graph).
     """
 
     def __init__(self, source, spec: AugmentSpec, prefix: str, fields: tuple[str, ...],
-                 packed_len: int | None, stack: bool, ring: int = 1, keep: bool = False):
+                 packed_len: int | None, stack: bool, ring: int = 1, keep: bool = False,
+                 rows: bool = False):
         self.source, self.spec, self.prefix, self.fields = source, spec, prefix, fields
-        self.packed_len, self.stack = packed_len, stack
+        self.packed_len, self.stack, self.rows = packed_len, stack, rows
         self.ring = ring  # packed buffers in rotation (see _build)
         self.keep = keep  # main-process source (no_copy): keep the last `ring` batches alive
         # the reader process set-up (procs.py) for spawned workers, where no fork hook runs
@@ -68,8 +70,12 @@ class _Callback:
         init_reader_process(*self.parent)  # once per process; a no-op in the main process
         table = self.source.table(f"{self.prefix}{info.epoch_idx}.npy")
         sb = self.source.batch(table, info.iteration, self.packed_len, ring=self.ring)
-        out = {"payload": np.stack(sb.payload) if self.stack else sb.payload,
-               "meta": meta_to_array(sb.meta)}
+        payload = sb.payload
+        if self.stack:
+            payload = np.stack(payload)
+        elif self.rows:  # views of the packed rows (contiguous), each cut to its bytes
+            payload = [payload[j, :n] for j, n in enumerate(sb.meta["length"].tolist())]
+        out = {"payload": payload, "meta": meta_to_array(sb.meta)}
         if "flip" in self.fields:
             h = table.header
             hw = batch_hw(sb.payload) if self.spec.mode == "rrc" else None
@@ -135,6 +141,16 @@ def _pixel_windows(anchor: np.ndarray, shape: np.ndarray, hw: np.ndarray
     return a.astype(np.float32), s.astype(np.float32)
 
 
+def _payload_rows(payload: str, gpu: bool) -> bool:
+    """``DecodeOptions.payload`` -> hand packed payloads on as per-sample views (True) or
+    as the whole ``[B, width]`` array (False).  ``"auto"``: rows on a GPU (no ``slice``
+    operator before the mixed decoder), the array on the CPU (one buffer, no per-sample
+    work in the main process); docs/benchmarks.md has the measurements."""
+    if payload == "auto":
+        return gpu
+    return payload == "rows"
+
+
 def _output_fields(spec: AugmentSpec, trim: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The callback's outputs for ``spec``: a pad-crop window has a fixed shape (not sent);
     a random-resized crop's varies per sample; then the requested extra members."""
@@ -155,7 +171,9 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
     codec, spec = cfg.source.codec, cfg.spec
     stack = codec == "raw"  # fixed-shape pixels
     packed_len = cfg.source.packed_len()
-    fields = _output_fields(spec, trim=bool(packed_len) and gpu, extra=cfg.source.fields)
+    rows = bool(packed_len) and _payload_rows(cfg.payload, gpu)
+    fields = _output_fields(spec, trim=bool(packed_len) and gpu and not rows,
+                            extra=cfg.source.fields)
     dtype_of = {"payload": types.UINT8, "meta": types.INT64, "anchor": types.FLOAT,
                 "shape": types.FLOAT, "flip": types.INT32, "length": types.FLOAT}
     dtype_of.update({FIELD_PREFIX + name: types.UINT8 for name in cfg.source.fields})
@@ -176,7 +194,7 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
     with pipe:
         outs = fn.external_source(
             source=_Callback(cfg.source, spec, prefix, fields, packed_len, stack, ring,
-                             keep=workers == 0),
+                             keep=workers == 0, rows=rows),
             num_outputs=len(fields), batch=True, batch_info=True, parallel=workers > 0,
             no_copy=True,
             **({"prefetch_queue_depth": cfg.prefetch} if workers > 0 else {}),
