@@ -11,6 +11,9 @@ Rows (imagenet preset: random-resized crop 224, flip, normalize; batch ``--batch
   * ``dali_reader``: DALI ``fn.readers.webdataset`` + ``decoders.image_random_crop``
     (``mixed``) + ``resize`` + ``crop_mirror_normalize`` on the GPU, output handed to torch
     on the GPU (no host round trip); ``dali_reader_tN``: with N DALI threads;
+  * ``dali_es[_wN]``: the same graph fed by a parallel ``external_source`` (N processes,
+    default 4, reading each batch with ``os.pread``, one pipeline reset per epoch, as the
+    Loader is fed): what feeding costs, without the Loader's checks, plan and crop windows;
   * ``tv_cuda``: webdataset + DataLoader (``--tv-workers``, raw bytes) + ``torchvision.io.decode_jpeg
     (device="cuda")`` on the batch + torchvision v2 resized crop / flip / normalize on the GPU.
 One warm-up epoch per row, then ``--repeats`` rounds with the rows interleaved; best and
@@ -30,6 +33,8 @@ import time
 import traceback
 import warnings
 from datetime import date
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -92,6 +97,75 @@ def dali_row(shards, batch: int, threads: int):
             feed_ndarray(t, buf[shape], cuda_stream=torch.cuda.current_stream())
             n += len(cls)
             first = first or (time.perf_counter(), n)
+        return min(n, total), first
+    return run
+
+
+class _PreadFeed:
+    """Batch callback of the ``dali_es`` row: batch ``i`` of the dataset in file order, read
+    with ``os.pread`` (no checks, no plan, no crop parameters; short last batch padded with
+    the first samples).  Picklable, so DALI may start its workers with spawn."""
+
+    def __init__(self, paths, file, offset, length, batch: int):
+        self.paths, self.batch = list(paths), batch
+        self.file, self.offset, self.length = (np.asarray(a, dtype=np.int64) for a in (file, offset, length))
+        self.fds: dict[int, int] = {}
+
+    def __call__(self, info):
+        lo = info.iteration * self.batch
+        if lo >= len(self.file):
+            raise StopIteration
+        rows = np.arange(lo, lo + self.batch) % len(self.file)
+        out = []
+        for r in rows.tolist():
+            f = int(self.file[r])
+            if f not in self.fds:
+                self.fds[f] = os.open(self.paths[f], os.O_RDONLY)
+            out.append(np.frombuffer(os.pread(self.fds[f], int(self.length[r]), int(self.offset[r])),
+                                     dtype=np.uint8))
+        return out
+
+
+def es_row(ds, batch: int, threads: int, workers: int):
+    """The dali_reader's graph fed by a parallel external source (``workers`` processes, one
+    pipeline reset per epoch, as the Loader's): what the feeding alone costs."""
+    from nvidia.dali import fn, types
+    from nvidia.dali.pipeline import Pipeline
+
+    from pipeline.decode.augment import IMAGENET_MEAN, IMAGENET_STD
+    try:
+        from nvidia.dali import backend as _b
+        method = "spawn" if _b.IsDriverInitialized() else "fork"
+    except Exception:  # noqa: BLE001
+        method = "spawn"
+    pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=0, seed=0, prefetch_queue_depth=2,
+                    py_num_workers=workers, py_start_method=method, exec_dynamic=True)
+    with pipe:
+        jpg = fn.external_source(source=_PreadFeed(ds.files, ds.file, ds.offset, ds.length, batch),
+                                 batch=True, batch_info=True, parallel=True, dtype=types.UINT8,
+                                 prefetch_queue_depth=2)
+        img = fn.decoders.image_random_crop(jpg, device="mixed", output_type=types.RGB)
+        img = fn.resize(img, size=[SIZE, SIZE], antialias=True)
+        img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                       mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
+                                       mirror=fn.random.coin_flip())
+        pipe.set_outputs(img)
+    pipe.start_py_workers()
+    pipe.build()
+    total = len(ds)
+
+    def run():
+        import torch
+        n, first = 0, None
+        while True:
+            try:
+                (img,) = pipe.run()
+            except StopIteration:
+                break
+            torch.from_dlpack(img.as_tensor())
+            n += batch
+            first = first or (time.perf_counter(), n)
+        pipe.reset()
         return min(n, total), first
     return run
 
@@ -162,6 +236,8 @@ def main(argv=None) -> dict:
                 ds, float(o.get("k", 1.0)), a.batch, int(o["t"]) if "t" in o else None,
                 int(o["w"]) if "w" in o else None, payload,
                 int(o["q"]) if "q" in o else None))(o, payload)
+        elif r.startswith("dali_es"):  # dali_es[_wWORKERS]
+            make[r] = (lambda w: lambda: es_row(ds, a.batch, a.threads, w))(int(o.get("w", 4)))
         elif r.startswith("dali_reader_t"):
             make[r] = (lambda t: lambda: dali_row(shards, a.batch, t))(int(r.rsplit("_t", 1)[1]))
     runs, skipped = {}, {}
