@@ -43,7 +43,7 @@ SIZE = 224
 
 
 def loader_row(ds, keep: float, batch: int, threads: int | None, workers: int | None = None,
-               payload: str = "auto", prefetch: int | None = None):
+               payload: str = "packed", prefetch: int | None = None):
     import pipeline
     L = pipeline.Loader(ds, batch_size=batch, keep=keep, policy="full" if keep >= 1 else "uniform",
                         epochs=1000, seed=0, backend="dali", device="cuda", augment="imagenet",
@@ -229,7 +229,7 @@ def main(argv=None) -> dict:
             "tv_cuda": lambda: tv_row(shards, a.batch, a.tv_workers)}
     for r in a.rows:  # loader[_kKEEP][_wN][_tN][_qN][_packed|_rows], dali_reader_tTHREADS
         tokens = r.split("_")[1:]
-        payload = next((t for t in tokens if t in ("packed", "rows")), "auto")
+        payload = next((t for t in tokens if t in ("packed", "rows")), "packed")
         o = {t[0]: t[1:] for t in tokens if t not in ("packed", "rows")}
         if r.startswith("loader"):
             make[r] = (lambda o, payload: lambda: loader_row(

@@ -134,15 +134,15 @@ class DecodeOptions:
     """Decoding: output size override, DALI CPU threads (default: :func:`default_parallelism`),
     batches in flight per reader, how DALI starts its reader processes, and how encoded
     payloads of similar sizes reach DALI's decoder (``payload``): ``"packed"``, one
-    ``[B, width]`` array (the GPU graph cuts each row back with ``slice``), ``"rows"``, one
-    view per sample of that array (only its bytes; no ``slice``), or ``"auto"``, the
-    measured choice per device (docs/benchmarks.md)."""
+    ``[B, width]`` array (the default; the GPU graph cuts each row back with ``slice``), or
+    ``"rows"``, one view per sample of that array (only its bytes; no ``slice``, but
+    per-sample feed work in DALI's main thread; docs/benchmarks.md, GPU session 12)."""
 
     image_size: int | None = None
     num_threads: int | None = None
     prefetch: int = 2
     py_start_method: str = "fork"
-    payload: str = "auto"
+    payload: str = "packed"
 
     def __post_init__(self):
         if int(self.prefetch) < 1:
@@ -151,8 +151,8 @@ class DecodeOptions:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads!r}")
         if self.py_start_method not in ("fork", "spawn"):
             raise ValueError(f"py_start_method must be 'fork' or 'spawn', not {self.py_start_method!r}")
-        if self.payload not in ("auto", "packed", "rows"):
-            raise ValueError(f"payload must be 'auto', 'packed' or 'rows', not {self.payload!r}")
+        if self.payload not in ("packed", "rows"):
+            raise ValueError(f"payload must be 'packed' or 'rows', not {self.payload!r}")
 
 
 @dataclass(frozen=True)

@@ -148,5 +148,5 @@ def test_payload_rows_and_packed_give_the_same_batches(cifar_test_wds):
         for (ri, rx), (pi, px) in zip(got["rows"], got["packed"]):
             np.testing.assert_array_equal(ri.numpy(), pi.numpy())
             assert torch.equal(rx, px), f"workers={workers}: rows and packed pixels differ"
-    with pytest.raises(ValueError, match="payload must be 'auto', 'packed' or 'rows'"):
+    with pytest.raises(ValueError, match="payload must be 'packed' or 'rows'"):
         LoaderOptions.of(payload="list")

@@ -121,8 +121,8 @@ def test_gpu_batches_kept_by_the_caller_never_change(cifar_test_wds):
 
 
 def test_gpu_payload_rows_match_packed(photos_wds):
-    """On the GPU the payloads reach the mixed decoder as per-sample views (``"rows"``,
-    the default there) or as packed rows cut back by ``slice`` (``"packed"``): the same
+    """On the GPU the payloads reach the mixed decoder as per-sample views (``"rows"``)
+    or as packed rows cut back by ``slice`` (``"packed"``, the default): the same
     ids and the same pixels."""
     ds = pipeline.open_dataset(photos_wds)
     kw = dict(batch_size=16, keep=0.75, policy="uniform", epochs=1, seed=3, backend="dali",

@@ -48,7 +48,7 @@ class BackendConfig:
     prefetch: int        # batches in flight per reader
     seed: int
     py_start_method: str  # "fork" or "spawn" for DALI's reader processes
-    payload: str = "auto"  # DecodeOptions.payload: "packed", "rows" or "auto"
+    payload: str = "packed"  # DecodeOptions.payload: "packed" or "rows"
 
 
 @dataclass

@@ -141,16 +141,6 @@ def _pixel_windows(anchor: np.ndarray, shape: np.ndarray, hw: np.ndarray
     return a.astype(np.float32), s.astype(np.float32)
 
 
-def _payload_rows(payload: str, gpu: bool) -> bool:
-    """``DecodeOptions.payload`` -> hand packed payloads on as per-sample views (True) or
-    as the whole ``[B, width]`` array (False).  ``"auto"``: rows on a GPU (no ``slice``
-    operator before the mixed decoder), the array on the CPU (one buffer, no per-sample
-    work in the main process); docs/benchmarks.md has the measurements."""
-    if payload == "auto":
-        return gpu
-    return payload == "rows"
-
-
 def _output_fields(spec: AugmentSpec, trim: bool, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The callback's outputs for ``spec``: a pad-crop window has a fixed shape (not sent);
     a random-resized crop's varies per sample; then the requested extra members."""
@@ -171,7 +161,7 @@ def _build(cfg: BackendConfig, prefix: str, start_method: str, device_id: int):
     codec, spec = cfg.source.codec, cfg.spec
     stack = codec == "raw"  # fixed-shape pixels
     packed_len = cfg.source.packed_len()
-    rows = bool(packed_len) and _payload_rows(cfg.payload, gpu)
+    rows = bool(packed_len) and cfg.payload == "rows"  # else packed (DecodeOptions.payload)
     fields = _output_fields(spec, trim=bool(packed_len) and gpu and not rows,
                             extra=cfg.source.fields)
     dtype_of = {"payload": types.UINT8, "meta": types.INT64, "anchor": types.FLOAT,
