@@ -109,6 +109,24 @@ def test_swdpp_visits_hard_samples_more_and_keeps_weights_bounded(kw):
         assert (out.mixup == 0).all()                            # mixup off by default
 
 
+def test_swdpp_epoch_weights_scale_pruned_epochs_only():
+    """`weights="epoch"`: every sample of a pruned epoch weighs N/K (capped at max_weight),
+    a full annealing epoch 1, whatever the scores."""
+    s = Scores(N)
+    s.update(np.arange(N), np.linspace(0.01, 5, N).astype(np.float32))
+    s.sync(0)
+    pol = get_policy("swdpp", keep=0.7, epochs=30, weights="epoch")
+    k = budget(pol.pruned_keep, N)
+    assert pol.anneal_epochs == 4 and 0.6 < pol.pruned_keep < 0.7
+    out = pol(s, 15, rng(0, 15, Stream.POLICY))
+    assert (out.p > 0.5).sum() == k
+    np.testing.assert_allclose(out.weight, N / k, rtol=1e-6)  # ~1.57, the same for every sample
+    full = pol(s, 29, rng(0, 29, Stream.POLICY))             # an annealing epoch: all, weight 1
+    assert (full.p > 0.5).all() and np.allclose(full.weight, 1.0)
+    low = get_policy("swdpp", keep=0.3, epochs=10, weights="epoch")(s, 5, rng(0, 5, Stream.POLICY))
+    assert np.allclose(low.weight, 2.0)                       # N/K = 3.3, capped at max_weight 2
+
+
 def test_tilt_schedule_starts_and_ends_near_uniform():
     lam = [tilt_strength(e, 10, 1.0, "sine") for e in range(10)]
     assert lam[0] == 0 and max(lam) == pytest.approx(1.0) and lam[5] == pytest.approx(1.0)

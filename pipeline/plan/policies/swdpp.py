@@ -14,7 +14,7 @@ from .credits import Credits
 __all__ = ["SwDPPPolicy", "tilt_strength"]
 
 SCHEDULES = ("sine", "constant")
-WEIGHTS = ("none", "importance", "rescale")
+WEIGHTS = ("none", "importance", "rescale", "epoch")
 SHAPES = ("soft", "above_mean")
 ANNEALS = ("step", "ramp")
 
@@ -63,8 +63,10 @@ class SwDPPPolicy(Policy):
     p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f; lambda_e = tilt
          with `schedule="constant"`, the default, or the sine schedule);
     selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
-    weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance") or
-               min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample);
+    weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance"),
+               min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample) or
+               min(max_weight, N/K) for every sample ("epoch": a pruned epoch takes K/N
+               of a full epoch's steps, each scaled up to cover the same distance);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
     `anneal=0`: every epoch reads exactly K = round(keep N), no full epochs to pay for.
     `anneal` > 0, `anneal_shape="step"`: the last F = ceil(anneal E) epochs train on full
@@ -207,7 +209,9 @@ class SwDPPPolicy(Policy):
         sel = np.zeros(n)
         sel[ids] = 1.0
         weight = np.ones(n, np.float32)
-        if self.weights != "none":
+        if self.weights == "epoch":
+            weight.fill(min(self.max_weight, n / k))
+        elif self.weights != "none":
             np.divide(k / n if self.weights == "importance" else 1.0, p, out=weight, casting="same_kind")
             np.minimum(weight, np.float32(self.max_weight), out=weight)
         mix = np.zeros(n, np.float32)
