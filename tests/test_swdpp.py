@@ -102,7 +102,7 @@ def test_swdpp_visits_hard_samples_more_and_keeps_weights_bounded(kw):
     s = Scores(N)
     s.update(np.arange(N), np.linspace(0.01, 5, N).astype(np.float32))
     s.sync(0)
-    for kw, top in (({}, 1.0), ({"weights": "importance"}, 2.0)):
+    for kw, top in (({}, 2.0), ({"weights": "none"}, 1.0), ({"weights": "importance"}, 2.0)):
         p = get_policy("swdpp", keep=0.7, epochs=30, **kw)
         out = p(s, 15, rng(0, 15, Stream.POLICY))               # a fresh policy starts its credits here
         assert out.weight.max() <= top + 1e-6 and out.weight.min() > 0
@@ -110,12 +110,12 @@ def test_swdpp_visits_hard_samples_more_and_keeps_weights_bounded(kw):
 
 
 def test_swdpp_epoch_weights_scale_pruned_epochs_only():
-    """`weights="epoch"`: every sample of a pruned epoch weighs N/K (capped at max_weight),
-    a full annealing epoch 1, whatever the scores."""
+    """`weights="epoch"` (the default): every sample of a pruned epoch weighs N/K (capped
+    at max_weight), a full annealing epoch 1, whatever the scores."""
     s = Scores(N)
     s.update(np.arange(N), np.linspace(0.01, 5, N).astype(np.float32))
     s.sync(0)
-    pol = get_policy("swdpp", keep=0.7, epochs=30, weights="epoch")
+    pol = get_policy("swdpp", keep=0.7, epochs=30)
     k = budget(pol.pruned_keep, N)
     assert pol.anneal_epochs == 4 and 0.6 < pol.pruned_keep < 0.7
     out = pol(s, 15, rng(0, 15, Stream.POLICY))

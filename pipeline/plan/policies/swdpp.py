@@ -63,10 +63,11 @@ class SwDPPPolicy(Policy):
     p_i  = (1 - lambda_e) K/N + lambda_e q_i         (sum p = K, p_i >= f; lambda_e = tilt
          with `schedule="constant"`, the default, or the sine schedule);
     selection: carry-over credits (`credits.py`): sample i gets about sum_e p_i visits;
-    weight_i = 1 (`weights="none"`), min(max_weight, (K/N) / p_i) ("importance"),
-               min(max_weight, 1 / p_i) ("rescale": InfoBatch's, 1 for a sure sample) or
-               min(max_weight, N/K) for every sample ("epoch": a pruned epoch takes K/N
-               of a full epoch's steps, each scaled up to cover the same distance);
+    weight_i = min(max_weight, N/K) for every sample (`weights="epoch"`, the default since
+               session 12: a pruned epoch takes K/N of a full epoch's steps, each scaled
+               up to cover the same distance), 1 ("none", the default before),
+               min(max_weight, (K/N) / p_i) ("importance") or min(max_weight, 1 / p_i)
+               ("rescale": InfoBatch's, 1 for a sure sample);
     mixup_i = mixup * (1 - K/N) * (1 - p_i) / (1 - f).
     `anneal=0`: every epoch reads exactly K = round(keep N), no full epochs to pay for.
     `anneal` > 0, `anneal_shape="step"`: the last F = ceil(anneal E) epochs train on full
@@ -85,7 +86,7 @@ class SwDPPPolicy(Policy):
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, temperature: float = 2.0,
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
-                 schedule: str = "constant", weights: str = "none", max_weight: float = 2.0,
+                 schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
                  anneal_shape: str = "step", guard: bool = False) -> None:
         super().__init__(keep, epochs)
