@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             t0, c0, k = time.perf_counter(), cpu_seconds(), 0
             for batch in r["loader"].epoch(epoch):
                 _, w = train_step(r["model"], batch, r["opt"], r["sched"], r["loader"], r["device"], r["amp"],
-                                  r["args"].label_smoothing)
+                                  r["args"].label_smoothing, r["args"].scale_decay)
                 k += int((w > 0).sum())
             r["wall"].append(time.perf_counter() - t0)
             r["cpu"].append(cpu_seconds() - c0)

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--momentum", type=float, default=0.9)
     o.add_argument("--weight-decay", type=float, default=5e-4)
     o.add_argument("--label-smoothing", type=float, default=0.0)
+    o.add_argument("--scale-decay", action=argparse.BooleanOptionalAction, default=False,
+                   help="scale each step's weight decay by the batch's mean loss weight, so that the "
+                        "policy's loss weights act as step sizes (docs/algorithm.md)")
     o.add_argument("--warmup-epochs", type=float, default=1.0)
     o.add_argument("--schedule", default="cosine", choices=SCHEDULES)
     o.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU)")

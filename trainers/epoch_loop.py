@@ -28,6 +28,7 @@ from torch import nn
 from pipeline.stats import EpochStats, sum_over_ranks
 
 from .metrics import MetricsWriter, loss_histogram
+from .optim import scale_weight_decay
 from .run_setup import Progress, Run, save_checkpoint
 
 
@@ -66,9 +67,11 @@ def cpu_seconds() -> float:
 
 
 def train_step(model: nn.Module, batch: Any, opt: Any, sched: Any, loader: Any, device: torch.device, amp: bool,
-               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               label_smoothing: float = 0.0, scale_decay: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a planned batch: weighted (mixup-aware) loss, backward, optimizer and
-    schedule step, per-sample losses reported to the loader. Returns (losses, weights)."""
+    schedule step, per-sample losses reported to the loader. Returns (losses, weights).
+    ``scale_decay``: the weight decay of this step is scaled by the mean loss weight of the
+    batch's real rows (`optim.scale_weight_decay`; padding rows weigh 0 and do not count)."""
     x = batch.images
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -77,6 +80,9 @@ def train_step(model: nn.Module, batch: Any, opt: Any, sched: Any, loader: Any, 
     losses = batch.loss(logits.float(), label_smoothing=label_smoothing)
     w = batch.weights.to(losses.dtype)
     (losses * w).mean().backward()
+    if scale_decay:
+        real = w[w > 0]
+        scale_weight_decay(opt, float(real.mean()) if real.numel() else 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
@@ -257,7 +263,7 @@ class EpochLoop:
                 break
             t1 = time.perf_counter()
             det, w = train_step(self.model, batch, self.opt, self.sched, self.loader, run.device, run.amp,
-                                a.label_smoothing)
+                                a.label_smoothing, a.scale_decay)
             t2 = time.perf_counter()
             lv = det[w > 0].float().cpu().numpy()
             acc.loss_sum += float(lv.sum())

@@ -72,3 +72,16 @@ def build_optimizer(name: str, model: nn.Module, lr: float, momentum: float = 0.
             g.pop("lars", None)
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
+
+
+def scale_weight_decay(opt: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's weight decay to its base value times ``factor`` (the base is kept
+    in the group as ``base_weight_decay``, so it travels with the optimizer's state dict).
+
+    Why: a loss weight ``w`` scales the gradient but not the decay, so with BatchNorm
+    (scale-invariant weights) it changes the weight norm rather than the effective step;
+    scaling the decay by the batch's weight as well makes the weight a true step size
+    (SGD with momentum: the same update as the learning rate times ``w``)."""
+    for g in opt.param_groups:
+        base = g.setdefault("base_weight_decay", g["weight_decay"])
+        g["weight_decay"] = base * factor
