@@ -237,9 +237,12 @@ class RangeReader:
         for i in np.unique(file):
             self.check(int(i))
         fds = self._fds
+        # rows as memoryview slices of the flat buffer (a numpy view per range costs more)
+        flat = memoryview(out).cast("B") if out.flags.c_contiguous else None
+        w = out.shape[1]
         for f, s, n, r in zip(file[order].tolist(), offset[order].tolist(),
                               length[order].tolist(), rows[order].tolist()):
-            got = os.preadv(fds[f], [out[r, :n]], s)
+            got = os.preadv(fds[f], [out[r, :n] if flat is None else flat[r * w:r * w + n]], s)
             if got != n:
                 raise ShardError(f"short read from {self.files[f]} at {s}: got {got} of {n} bytes")
         n = int(length.sum())

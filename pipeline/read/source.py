@@ -237,7 +237,7 @@ class PlannedSource:
         got = np.zeros(b, dtype=bool)  # rows that carry the bytes they read
         before = self.reader.counters.copy()
         lengths = np.asarray(cols["length"][sel])
-        crc = np.asarray(cols["crc32"][sel]).tolist() if self.verify_crc else None
+        crc = np.asarray(cols["crc32"][sel]) if self.verify_crc else None
         extra: list[list] = []
         if packed_len:
             payload, stale = self._packed.take(b, packed_len, ring)
@@ -253,19 +253,22 @@ class PlannedSource:
         else:
             rows = self.reader.read(cols["file"][sel], cols["offset"][sel], lengths, sel)
             payload = [self.filler] * b
-        if packed_len:
-            rows = [payload[j, :n] for j, n in zip(want.tolist(), lengths.tolist())]
+        if packed_len:  # memoryview slices of the flat buffer: cheaper than numpy views
+            flat, w = memoryview(payload).cast("B"), payload.shape[1]
+            rows = [flat[j * w:j * w + n] for j, n in zip(want.tolist(), lengths.tolist())]
+        intact = self._intact(rows, crc, sel)
+        # a damaged planned row is reported and masked by the main process; a damaged fill
+        # sample leaves its padding row with the filler (reported where it is planned)
+        meta["flag"][want[~intact & valid[want]]] = Flag.CORRUPT
+        got[want[intact]] = True
         fields = {f: [b""] * b for f in self.fields}
-        for k, (j, buf) in enumerate(zip(want.tolist(), rows)):
-            if self._damaged(buf, None if crc is None else crc[k], int(sel[k])):
-                if valid[j]:  # reported and masked by the main process
-                    meta["flag"][j] = Flag.CORRUPT
-                continue  # a bad fill sample: the row keeps the filler (reported where planned)
-            got[j] = True
-            for f, bufs in zip(self.fields, extra):
-                fields[f][j] = bytes(bufs[k])
-            if not packed_len:
-                payload[j] = self._payload_array(buf)
+        if self.fields or not packed_len:
+            for k in np.flatnonzero(intact).tolist():
+                j = int(want[k])
+                for f, bufs in zip(self.fields, extra):
+                    fields[f][j] = bytes(bufs[k])
+                if not packed_len:
+                    payload[j] = self._payload_array(rows[k])
         if packed_len:
             filler = ~got
             if filler.any():
@@ -300,6 +303,21 @@ class PlannedSource:
             return [bytes(b) for b in bufs], probe.counters.seconds
         finally:
             probe.close()
+
+    def _intact(self, rows: list, crc: np.ndarray | None, sel: np.ndarray) -> np.ndarray:
+        """Per row, whether its payload may reach a decoder (see :meth:`_damaged`); the
+        checksums of a whole batch are compared at once, and only rows whose checksum
+        matched but whose structure was never looked at in this process go one by one."""
+        if crc is None or not len(rows):
+            return np.fromiter((not self._damaged(buf, None) for buf in rows), dtype=bool, count=len(rows))
+        ok = np.fromiter(map(crc32, rows), dtype=np.int64, count=len(rows)) == crc.astype(np.int64)
+        if self.codec in ("raw", "npy"):
+            return ok
+        if self._structure_ok is None:
+            self._structure_ok = np.zeros(self._num_samples, dtype=bool)
+        for k in np.flatnonzero(ok & ~self._structure_ok[sel]).tolist():
+            ok[k] = not self._damaged(rows[k], int(crc[k]), int(sel[k]))
+        return ok
 
     def _damaged(self, buf, crc: int | None, sample: int | None = None) -> bool:
         """True when a payload must not reach a decoder: its CRC32 differs from the
