@@ -11,7 +11,7 @@ import torch
 
 from trainers import checkpoint
 from trainers.models import build_model
-from trainers.optim import build_optimizer
+from trainers.optim import build_optimizer, scale_weight_decay
 from trainers.schedule import lr_factor_fn, make_scheduler
 
 
@@ -87,6 +87,37 @@ def test_optimizers_reduce_loss(name: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_scaled_decay_makes_a_loss_weight_a_step_size() -> None:
+    """SGD with Nesterov momentum and weight decay: a loss weight c with the decay scaled by
+    c (``--scale-decay``) gives the same parameters as the learning rate times c; the weight
+    alone (decay unscaled) does not."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1, 28, 28, generator=g)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    c, lr = 1.6, 0.05
+
+    def run(lr_: float, weight: float, scale: bool) -> list[torch.Tensor]:
+        m = build_model("tiny", 2, 1, seed=0, width=8)
+        opt = build_optimizer("sgd", m, lr_, weight_decay=5e-2)
+        for _ in range(5):
+            loss = weight * torch.nn.functional.cross_entropy(m(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if scale:
+                scale_weight_decay(opt, weight)
+            opt.step()
+        if scale:  # the base is kept; the decay of the last step is the base times the weight
+            assert [(gr["base_weight_decay"], gr["weight_decay"]) for gr in opt.param_groups] == \
+                [(5e-2, 5e-2 * weight), (0.0, 0.0)]
+        return [p.detach().clone() for p in m.parameters()]
+
+    ref = run(lr * c, 1.0, False)
+    scaled = run(lr, c, True)
+    unscaled = run(lr, c, False)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(ref, scaled))
+    assert not all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(ref, unscaled))
 
 
 # ---------------------------------------------------------------- end to end (real data)
