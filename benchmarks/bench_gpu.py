@@ -14,6 +14,11 @@ Rows (imagenet preset: random-resized crop 224, flip, normalize; batch ``--batch
   * ``dali_es[_wN]``: the same graph fed by a parallel ``external_source`` (N processes,
     default 4, reading each batch with ``os.pread``, one pipeline reset per epoch, as the
     Loader is fed): what feeding costs, without the Loader's checks, plan and crop windows;
+  * ``dali_es_slice[_wN]``: as ``dali_es``, but the feed also draws each batch's crop
+    windows and flips as the Loader's reader processes do (header sizes, ``sample_params``,
+    pixel windows) and the graph decodes with ``decoders.image_slice`` fed those windows
+    (the Loader's decode), four outputs a batch: what the Loader's decode and windows cost
+    against DALI's ``image_random_crop``, without the rest of the Loader;
   * ``tv_cuda``: webdataset + DataLoader (``--tv-workers``, raw bytes) + ``torchvision.io.decode_jpeg
     (device="cuda")`` on the batch + torchvision v2 resized crop / flip / normalize on the GPU.
 One warm-up epoch per row, then ``--repeats`` rounds with the rows interleaved; best and
@@ -106,8 +111,8 @@ class _PreadFeed:
     with ``os.pread`` (no checks, no plan, no crop parameters; short last batch padded with
     the first samples).  Picklable, so DALI may start its workers with spawn."""
 
-    def __init__(self, paths, file, offset, length, batch: int):
-        self.paths, self.batch = list(paths), batch
+    def __init__(self, paths, file, offset, length, batch: int, windows: bool = False):
+        self.paths, self.batch, self.windows = list(paths), batch, windows
         self.file, self.offset, self.length = (np.asarray(a, dtype=np.int64) for a in (file, offset, length))
         self.fds: dict[int, int] = {}
 
@@ -123,12 +128,22 @@ class _PreadFeed:
                 self.fds[f] = os.open(self.paths[f], os.O_RDONLY)
             out.append(np.frombuffer(os.pread(self.fds[f], int(self.length[r]), int(self.offset[r])),
                                      dtype=np.uint8))
-        return out
+        if not self.windows:
+            return out
+        from pipeline.decode.augment import get_augment, sample_params
+        from pipeline.decode.dali_backend import _pixel_windows
+        from pipeline.formats.imagesize import batch_hw
+        spec = get_augment("imagenet", True, 3, None, SIZE)
+        hw = batch_hw(out)
+        p = sample_params(spec, len(out), 0, info.epoch_idx, 0, info.iteration, hw)
+        anchor, shape = _pixel_windows(p.anchor, p.shape, hw)
+        return out, anchor, shape, p.flip
 
 
-def es_row(ds, batch: int, threads: int, workers: int):
+def es_row(ds, batch: int, threads: int, workers: int, slice_: bool = False):
     """The dali_reader's graph fed by a parallel external source (``workers`` processes, one
-    pipeline reset per epoch, as the Loader's): what the feeding alone costs."""
+    pipeline reset per epoch, as the Loader's): what the feeding alone costs; ``slice_``:
+    windows and flips drawn in the feed and decoded by ``image_slice`` (the Loader's decode)."""
     from nvidia.dali import fn, types
     from nvidia.dali.pipeline import Pipeline
 
@@ -141,14 +156,22 @@ def es_row(ds, batch: int, threads: int, workers: int):
     pipe = Pipeline(batch_size=batch, num_threads=threads, device_id=0, seed=0, prefetch_queue_depth=2,
                     py_num_workers=workers, py_start_method=method, exec_dynamic=True)
     with pipe:
-        jpg = fn.external_source(source=_PreadFeed(ds.files, ds.file, ds.offset, ds.length, batch),
-                                 batch=True, batch_info=True, parallel=True, dtype=types.UINT8,
-                                 prefetch_queue_depth=2)
-        img = fn.decoders.image_random_crop(jpg, device="mixed", output_type=types.RGB)
+        feed = _PreadFeed(ds.files, ds.file, ds.offset, ds.length, batch, windows=slice_)
+        if slice_:
+            jpg, anchor, shape, flip = fn.external_source(
+                source=feed, num_outputs=4, batch=True, batch_info=True, parallel=True,
+                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32], prefetch_queue_depth=2)
+            img = fn.decoders.image_slice(jpg, anchor, shape, axes=[0, 1], normalized_anchor=False,
+                                          normalized_shape=False, device="mixed", output_type=types.RGB)
+        else:
+            jpg = fn.external_source(source=feed, batch=True, batch_info=True, parallel=True,
+                                     dtype=types.UINT8, prefetch_queue_depth=2)
+            img = fn.decoders.image_random_crop(jpg, device="mixed", output_type=types.RGB)
+            flip = fn.random.coin_flip()
         img = fn.resize(img, size=[SIZE, SIZE], antialias=True)
         img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
                                        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD),
-                                       mirror=fn.random.coin_flip())
+                                       mirror=flip)
         pipe.set_outputs(img)
     pipe.start_py_workers()
     pipe.build()
@@ -236,8 +259,9 @@ def main(argv=None) -> dict:
                 ds, float(o.get("k", 1.0)), a.batch, int(o["t"]) if "t" in o else None,
                 int(o["w"]) if "w" in o else None, payload,
                 int(o["q"]) if "q" in o else None))(o, payload)
-        elif r.startswith("dali_es"):  # dali_es[_wWORKERS]
-            make[r] = (lambda w: lambda: es_row(ds, a.batch, a.threads, w))(int(o.get("w", 4)))
+        elif r.startswith("dali_es"):  # dali_es[_slice][_wWORKERS]
+            make[r] = (lambda w, sl: lambda: es_row(ds, a.batch, a.threads, w, sl))(
+                int(o.get("w", 4)), r.startswith("dali_es_slice"))
         elif r.startswith("dali_reader_t"):
             make[r] = (lambda t: lambda: dali_row(shards, a.batch, t))(int(r.rsplit("_t", 1)[1]))
     runs, skipped = {}, {}
