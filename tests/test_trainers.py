@@ -252,3 +252,26 @@ def test_bench_train_time_interleaves_the_trainers_epochs(fmnist_small, e2e_runs
         # the samples trained on (samples_read also counts the padding rows' fill samples)
         assert r["epoch_samples"] == [x["train_samples"] for x in recs], policy
     assert res["uniform"]["samples"] < res["full"]["samples"]
+
+
+def _mean_weight_rank(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from trainers.epoch_loop import mean_loss_weight
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        # rank 0: weights 1, 1 and a padding row (mean 1); rank 1: 2, 2, 2 (mean 2)
+        w = torch.tensor([1.0, 1.0, 0.0]) if rank == 0 else torch.tensor([2.0, 2.0, 2.0])
+        Path(out, f"r{rank}").write_text(repr(mean_loss_weight(w)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_scaled_decay_factor_is_the_same_on_every_rank(tmp_path: Path) -> None:
+    """Under DDP the decay factor is the mean positive weight over all ranks' rows: 8/5 on
+    both ranks here, where each rank alone would say 1 and 2 (and the replicas would take
+    different steps)."""
+    import torch.multiprocessing as mp
+    mp.spawn(_mean_weight_rank, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    got = [float(Path(tmp_path, f"r{r}").read_text()) for r in (0, 1)]
+    assert got == [1.6, 1.6]

@@ -66,12 +66,24 @@ def cpu_seconds() -> float:
         return time.process_time()
 
 
+def mean_loss_weight(w: torch.Tensor) -> float:
+    """The mean of the positive loss weights of a step's batch, over all ranks of a DDP run
+    (the same factor on every rank: a per-rank decay would make the replicas drift apart);
+    1 when no row carries a weight."""
+    real = w > 0
+    acc = torch.stack([(w * real).sum(), real.sum().to(w.dtype)]).double()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(acc)
+    return float(acc[0] / acc[1]) if acc[1] > 0 else 1.0
+
+
 def train_step(model: nn.Module, batch: Any, opt: Any, sched: Any, loader: Any, device: torch.device, amp: bool,
                label_smoothing: float = 0.0, scale_decay: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One SGD step on a planned batch: weighted (mixup-aware) loss, backward, optimizer and
     schedule step, per-sample losses reported to the loader. Returns (losses, weights).
     ``scale_decay``: the weight decay of this step is scaled by the mean loss weight of the
-    batch's real rows (`optim.scale_weight_decay`; padding rows weigh 0 and do not count)."""
+    batch's real rows over all ranks (`optim.scale_weight_decay`; padding rows weigh 0 and
+    do not count)."""
     x = batch.images
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -81,8 +93,7 @@ def train_step(model: nn.Module, batch: Any, opt: Any, sched: Any, loader: Any, 
     w = batch.weights.to(losses.dtype)
     (losses * w).mean().backward()
     if scale_decay:
-        real = w[w > 0]
-        scale_weight_decay(opt, float(real.mean()) if real.numel() else 1.0)
+        scale_weight_decay(opt, mean_loss_weight(w))
     opt.step()
     opt.zero_grad(set_to_none=True)
     sched.step()
