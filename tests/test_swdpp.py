@@ -323,3 +323,49 @@ def test_default_anneals_an_eighth_of_long_runs():
         k = pol.num_selected(N, 0)
         assert taken.sum() == pytest.approx(keep * N * 30, abs=30)
         assert max_gap(taken) <= bound == pol.gap_bound(k, N)
+
+
+def test_staggered_credits_spread_the_floor_and_shorten_the_gap():
+    """`stagger=True`: the credits start at random phases in [0, 1), so the samples at the
+    floor come due in different epochs. Over this simulation (5 seeds) the worst unseen
+    gap is one epoch shorter than with zero starting credits: 3 instead of 4 for the
+    default's annealed 30 epochs at keep 0.7 (the property target), 2 instead of 3 over 10
+    epochs, 5 instead of 6 at keep 0.5 over 30; still exactly the budget, hard samples
+    visited more, and visits follow the probabilities within one visit plus the largest p
+    (measured here: at most 1.08 from `sum p`, against below 1 with zero starting credits)."""
+    for keep, epochs, plain, staggered in ((0.7, 30, 4, 3), (0.7, 10, 3, 2), (0.5, 30, 6, 5)):
+        gaps = {False: [], True: []}
+        for seed in range(5):
+            taken, hard, pol = simulate("swdpp", keep, epochs, seed=seed)
+            gaps[False].append(max_gap(taken))
+            taken, hard, pol = simulate("swdpp", keep, epochs, seed=seed, stagger=True)
+            gaps[True].append(max_gap(taken))
+            k = [pol.num_selected(N, e) for e in range(epochs)]
+            assert (taken.sum(1) == k).all()
+            assert np.corrcoef(taken.sum(0), hard)[0, 1] > 0.8         # hard samples visited more
+        assert (max(gaps[False]), max(gaps[True])) == (plain, staggered)
+    # the phases are the first epoch's draw: seeded, and the same plan twice
+    a, _, _ = simulate("swdpp", 0.5, 10, seed=3, stagger=True)
+    b, _, _ = simulate("swdpp", 0.5, 10, seed=3, stagger=True)
+    assert (a == b).all()
+    # no group of equal probabilities comes due at once: with zero credits the floor
+    # samples of the first pruned epochs all return in the same epoch
+    pol = get_policy("swdpp", keep=0.5, epochs=10, stagger=True)
+    s = Scores(N)
+    expected, visits, start = np.zeros(N), np.zeros(N), None
+    g = np.random.default_rng(0)
+    hard = g.random(N)
+    for e in range(10):
+        s.sync(e)
+        k = pol.num_selected(N, e)
+        p, _ = pol.probabilities(s, e, k)
+        ids = np.flatnonzero(pol(s, e, rng(0, e, Stream.POLICY)).p > 0.5)
+        if start is None:
+            start = pol._credits.start.copy()
+            assert 0.0 <= start.min() and start.max() < 1.0 and start.std() > 0.25
+        expected += p
+        visits[ids] += 1
+        # within one visit plus this epoch's largest p (the credits' bound, credits.py)
+        assert np.abs(expected - visits).max() < 1.0 + p.max()
+        assert np.abs(expected + start - visits).max() < 1.0 + p.max()
+        s.update(ids, (3 * hard[ids] + 0.3 * g.random(ids.size)).astype(np.float32))

@@ -64,10 +64,15 @@ class Credits:
 
     `take(p, epoch, k, rng, gap)` plans `epoch` from the state at its start; asking for the
     same epoch again gives the same ids, asking for the next one moves on. A fresh object
-    starts at 0 credits (and nothing overdue) at the first epoch it is asked for.
+    starts at 0 credits (and nothing overdue) at the first epoch it is asked for, or with
+    `stagger` at credits drawn uniformly from [0, 1) with that epoch's generator: a random
+    phase per sample, so that samples with the same probabilities (a policy's floor) come
+    due in different epochs instead of all in the same one (systematic sampling with a
+    random start; docs/algorithm.md, "Staggered credits").
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stagger: bool = False) -> None:
+        self.stagger = stagger                    # start at random credits in [0, 1)
         self.epoch: int | None = None
         self.start: np.ndarray | None = None      # credits at the start of `epoch`
         self.after: np.ndarray | None = None      # credits after `epoch` (once planned)
@@ -79,7 +84,8 @@ class Credits:
         """The ids taken in `epoch` (see the class docstring)."""
         n = p.size
         if self.epoch is None or self.start is None:
-            self.epoch, self.start, self.after = int(epoch), np.zeros(n), None
+            start = rng.random(n) if self.stagger else np.zeros(n)
+            self.epoch, self.start, self.after = int(epoch), start, None
             self.since, self.since_after = np.zeros(n, np.int64), None
         elif epoch == self.epoch + 1 and self.after is not None:
             self.epoch, self.start, self.after = int(epoch), self.after, None

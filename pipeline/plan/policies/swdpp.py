@@ -80,6 +80,8 @@ class SwDPPPolicy(Policy):
     `_anneal_epochs`).
     `guard=True`: f follows the run's keep and no sample is left out of more than
     G = ceil(1/f) epochs in a row (`gap_bound`); off by default (it cost accuracy).
+    `stagger=True`: the credits start at random phases in [0, 1) (`credits.Credits`), so
+    the samples at the floor come due spread over the epochs, not together.
     """
 
     name = "swdpp"
@@ -88,7 +90,7 @@ class SwDPPPolicy(Policy):
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
-                 anneal_shape: str = "step", guard: bool = False) -> None:
+                 anneal_shape: str = "step", guard: bool = False, stagger: bool = False) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -118,7 +120,9 @@ class SwDPPPolicy(Policy):
             raise ValueError(f"swdpp anneal_shape must be one of {ANNEALS}, got {anneal_shape!r}")
         if not isinstance(guard, bool):
             raise ValueError(f"swdpp guard must be true or false, got {guard!r}")
-        self.guard = guard
+        if not isinstance(stagger, bool):
+            raise ValueError(f"swdpp stagger must be true or false, got {stagger!r}")
+        self.guard, self.stagger = guard, stagger
         self.anneal, self.anneal_shape = anneal, anneal_shape
         self.anneal_epochs = self._anneal_epochs(anneal)
         f, e = self.anneal_epochs, self.epochs
@@ -126,7 +130,7 @@ class SwDPPPolicy(Policy):
         if f:
             self.pruned_epochs = e - f
             self.pruned_keep = (self.keep * e - self._paid(f)) / (e - self._paid(f))
-        self._credits = Credits()
+        self._credits = Credits(stagger)
 
     def _paid(self, f: int) -> float:
         """Full epochs' worth of samples that F annealing epochs read above keep'."""
