@@ -90,7 +90,7 @@ class SwDPPPolicy(Policy):
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
-                 anneal_shape: str = "step", guard: bool = False, stagger: bool = False) -> None:
+                 anneal_shape: str = "step", guard: bool = False, stagger: bool = True) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
