@@ -74,10 +74,10 @@ def test_exact_budget_balanced_visits_and_bounded_gaps(name, kw, keep):
             assert taken[e:e + w + 1].any(0).all()
 
 
-@pytest.mark.parametrize("kw", [{**SPLIT, "stagger": False}, {**SOFT_SINE, "stagger": False}, SPLIT])
+@pytest.mark.parametrize("kw", [SPLIT, SOFT_SINE, {**SPLIT, "stagger": True}])
 def test_swdpp_visits_follow_probabilities_within_one(kw):
     """From zero starting credits visits stay within one of `sum p`; from the staggered
-    start (the default since session 14) within one plus the largest p."""
+    start within one plus the largest p."""
     pol = get_policy("swdpp", keep=0.7, epochs=30, **kw)
     s = Scores(N)
     g = np.random.default_rng(3)
@@ -308,8 +308,8 @@ def test_default_anneals_an_eighth_of_long_runs():
     At keep 0.7 over 30 epochs: exactly K' in each pruned epoch and the run's budget. The
     pruned epochs keep 0.654, and with half of the samples above the mean (this simulation)
     the rest sit at the floor p = 0.327, one visit in about 3.06 epochs: from zero starting
-    credits 4 epochs unseen at worst; with the staggered start (the default since session
-    14) 3, as with `guard=True` (the floor follows the run's keep, overdue samples first)."""
+    credits (the default at keep 0.7) 4 epochs unseen at worst; 3 with `stagger=True` (test
+    below) or with `guard=True` (the floor follows the run's keep, overdue samples first)."""
     full = lambda keep, e: get_policy("swdpp", keep=keep, epochs=e).anneal_epochs  # noqa: E731
     assert [full(0.7, e) for e in (1, 4, 6, 10, 11, 12, 30, 90)] == [0, 0, 0, 0, 0, 2, 4, 11]
     assert full(0.3, 30) == 4 and full(0.1, 30) == 0                 # keep' 0.19 >= 0.15; 0 < 0.05
@@ -320,7 +320,7 @@ def test_default_anneals_an_eighth_of_long_runs():
     assert k == budget((0.7 * 30 - 4) / 26, N)
     assert (taken.sum(1)[:26] == k).all() and (taken.sum(1)[26:] == N).all()
     assert taken.sum() == pytest.approx(0.7 * N * 30, abs=30)
-    assert max_gap(taken) <= 3 and pol.gap_bound(k, N) is None
+    assert max_gap(taken) <= 4 and pol.gap_bound(k, N) is None
     for keep, bound in ((0.7, 3), (0.5, 4)):
         taken, _, pol = simulate("swdpp", keep, 30, guard=True)
         k = pol.num_selected(N, 0)
@@ -329,7 +329,7 @@ def test_default_anneals_an_eighth_of_long_runs():
 
 
 def test_staggered_credits_spread_the_floor_and_shorten_the_gap():
-    """`stagger=True` (the default since session 14): the credits start at random phases in [0, 1), so the samples at the
+    """`stagger=True` (the default below keep 0.6 since session 14): the credits start at random phases in [0, 1), so the samples at the
     floor come due in different epochs. Over this simulation (5 seeds) the worst unseen
     gap is one epoch shorter than with zero starting credits: 3 instead of 4 for the
     default's annealed 30 epochs at keep 0.7 (the property target), 2 instead of 3 over 10
@@ -347,6 +347,13 @@ def test_staggered_credits_spread_the_floor_and_shorten_the_gap():
             assert (taken.sum(1) == k).all()
             assert np.corrcoef(taken.sum(0), hard)[0, 1] > 0.8         # hard samples visited more
         assert (max(gaps[False]), max(gaps[True])) == (plain, staggered)
+    # the default: staggered below keep 0.6 (where the floor binds), zero starts above
+    assert [get_policy("swdpp", keep=k).stagger for k in (0.3, 0.5, 0.59, 0.6, 0.7, 0.9)] == \
+        [True, True, True, False, False, False]
+    assert get_policy("swdpp", keep=0.7, stagger=True).stagger
+    assert not get_policy("swdpp", keep=0.5, stagger=False).stagger
+    with pytest.raises(ValueError, match="stagger"):
+        get_policy("swdpp", keep=0.5, stagger="yes")
     # the phases are the first epoch's draw: seeded, and the same plan twice
     a, _, _ = simulate("swdpp", 0.5, 10, seed=3, stagger=True)
     b, _, _ = simulate("swdpp", 0.5, 10, seed=3, stagger=True)

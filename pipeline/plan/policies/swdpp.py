@@ -17,6 +17,14 @@ SCHEDULES = ("sine", "constant")
 WEIGHTS = ("none", "importance", "rescale", "epoch")
 SHAPES = ("soft", "above_mean")
 ANNEALS = ("step", "ramp")
+# `stagger=None` staggers the credits below this keep. With the split at budget K the
+# below-mean samples share what the sure ones leave unless that falls under the floor
+# K/(2N), which happens once more than keep/(2-keep) of the samples are above the mean:
+# 33% at keep 0.5 (usual for a right-skewed loss), 54% at keep 0.7 (rare). Then the floor
+# samples come due as one cohort and staggering pays (+1.1 to +2.3 pts at keep 0.5 on
+# CIFAR-10); where the floor does not bind it cost ~0.2 pts at keep 0.7 (docs/results.md,
+# session 14). 0.6 lies between the two measured keeps.
+STAGGER_BELOW = 0.6
 
 
 def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) -> float:
@@ -81,7 +89,9 @@ class SwDPPPolicy(Policy):
     `guard=True`: f follows the run's keep and no sample is left out of more than
     G = ceil(1/f) epochs in a row (`gap_bound`); off by default (it cost accuracy).
     `stagger=True`: the credits start at random phases in [0, 1) (`credits.Credits`), so
-    the samples at the floor come due spread over the epochs, not together.
+    the samples at the floor come due spread over the epochs, not together; `None` (the
+    default since session 14): on where keep < 0.6, where the floor binds (see
+    `STAGGER_BELOW`).
     """
 
     name = "swdpp"
@@ -90,7 +100,7 @@ class SwDPPPolicy(Policy):
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
-                 anneal_shape: str = "step", guard: bool = False, stagger: bool = True) -> None:
+                 anneal_shape: str = "step", guard: bool = False, stagger: bool | None = None) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -120,9 +130,10 @@ class SwDPPPolicy(Policy):
             raise ValueError(f"swdpp anneal_shape must be one of {ANNEALS}, got {anneal_shape!r}")
         if not isinstance(guard, bool):
             raise ValueError(f"swdpp guard must be true or false, got {guard!r}")
-        if not isinstance(stagger, bool):
-            raise ValueError(f"swdpp stagger must be true or false, got {stagger!r}")
-        self.guard, self.stagger = guard, stagger
+        if stagger is not None and not isinstance(stagger, bool):
+            raise ValueError(f"swdpp stagger must be true, false or null (by keep), got {stagger!r}")
+        self.guard = guard
+        self.stagger = bool(self.keep < STAGGER_BELOW) if stagger is None else stagger
         self.anneal, self.anneal_shape = anneal, anneal_shape
         self.anneal_epochs = self._anneal_epochs(anneal)
         f, e = self.anneal_epochs, self.epochs
