@@ -21,9 +21,9 @@ ANNEALS = ("step", "ramp")
 # below-mean samples share what the sure ones leave unless that falls under the floor
 # K/(2N), which happens once more than keep/(2-keep) of the samples are above the mean:
 # 33% at keep 0.5 (usual for a right-skewed loss), 54% at keep 0.7 (rare). Then the floor
-# samples come due as one cohort and staggering pays (+1.1 to +2.3 pts at keep 0.5 on
-# CIFAR-10); where the floor does not bind it cost ~0.2 pts at keep 0.7 (docs/results.md,
-# session 14). 0.6 lies between the two measured keeps.
+# samples come due as one cohort and staggering pays (at keep 0.5 on CIFAR-10); where the
+# floor does not bind it cost a little at keep 0.7 (docs/results.md, session 14). 0.6 lies
+# between the two measured keeps.
 STAGGER_BELOW = 0.6
 
 
