@@ -351,6 +351,11 @@ def test_staggered_credits_spread_the_floor_and_shorten_the_gap():
     assert [get_policy("swdpp", keep=k).stagger for k in (0.3, 0.5, 0.59, 0.6, 0.7, 0.9)] == \
         [True, True, True, False, False, False]
     assert get_policy("swdpp", keep=0.7, stagger=True).stagger
+    for keep, staggered in ((0.5, True), (0.7, False)):       # ... and it reaches the credits
+        plain, _, _ = simulate("swdpp", keep, 6, seed=1)
+        forced, _, _ = simulate("swdpp", keep, 6, seed=1, stagger=staggered)
+        other, _, _ = simulate("swdpp", keep, 6, seed=1, stagger=not staggered)
+        assert (plain == forced).all() and not (plain == other).all()
     assert not get_policy("swdpp", keep=0.5, stagger=False).stagger
     with pytest.raises(ValueError, match="stagger"):
         get_policy("swdpp", keep=0.5, stagger="yes")

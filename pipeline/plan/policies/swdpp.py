@@ -141,7 +141,7 @@ class SwDPPPolicy(Policy):
         if f:
             self.pruned_epochs = e - f
             self.pruned_keep = (self.keep * e - self._paid(f)) / (e - self._paid(f))
-        self._credits = Credits(stagger)
+        self._credits = Credits(self.stagger)
 
     def _paid(self, f: int) -> float:
         """Full epochs' worth of samples that F annealing epochs read above keep'."""
