@@ -23,12 +23,18 @@ file = (np.arange(n) // 250).astype(np.uint32)
 offset = (np.arange(n) % 250 * 1024).astype(np.uint64)
 scores = Scores(n)
 planner = EpochPlanner(get_policy("swdpp", keep=0.7, epochs=6), scores, file, offset, seed=7, world_size=world)
+# keep 0.5: the default staggers the credits (random phases from the first epoch's seeded
+# generator); every rank must still plan the same
+staggered = EpochPlanner(get_policy("swdpp", keep=0.5, epochs=6), scores, file, offset, seed=7, world_size=world)
 
 res = {}
 for epoch in range(3):
     scores.sync(epoch)
     plan = planner.plan(epoch)
     check_plan_digest(plan)                       # must pass: same scores everywhere
+    plan5 = staggered.plan(epoch)
+    check_plan_digest(plan5)
+    res[f"staggered{epoch}"] = plan5.ids
     ids, w, _ = plan.rank(rank)
     real = ids[ids >= 0]
     rng = np.random.default_rng([rank, epoch])    # rank-specific losses, different per rank

@@ -44,6 +44,10 @@ def test_plans_identical_and_rank_slices_disjoint_and_covering(ranks):
     # swdpp: K = round(0.7 * 3000) = 2100 in every epoch; the carry-over credits are equal on
     # both ranks, so are the plans (checked above for every epoch)
     assert (a["plan0"] >= 0).sum() == 2100 == (a["plan2"] >= 0).sum()
+    # keep 0.5, staggered credits (the default there): the same plan on both ranks, K each
+    for epoch in range(3):
+        np.testing.assert_array_equal(a[f"staggered{epoch}"], b[f"staggered{epoch}"])
+        assert (a[f"staggered{epoch}"] >= 0).sum() == 1500
 
 
 def test_scores_identical_after_sync_and_include_both_ranks(ranks):
