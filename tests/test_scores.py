@@ -98,3 +98,32 @@ def test_state_dict_roundtrip_through_torch_save_weights_only_keeps_pending():
 def test_load_state_dict_rejects_wrong_size():
     with pytest.raises(ValueError, match="n=3"):
         Scores(4).load_state_dict(Scores(3).state_dict())
+
+
+def test_relative_scores_divide_each_loss_by_the_mean_of_its_epoch():
+    """`Scores.relative` (swdpp's `relative` option): every loss enters a second EMA as its
+    share of the mean loss of the sync (epoch) that measured it, so an old loss from an
+    epoch when every loss was higher does not outrank a recent one; it survives a
+    checkpoint, and a state without it (saved before) loads the absolute scores in its place."""
+    s = Scores(4, decay=0.5)
+    s.update([0, 1, 2], [2.0, 4.0, 6.0])        # epoch 0: mean 4
+    s.sync()
+    s.update([0, 1], [1.0, 1.0])                # epoch 1: per-sample means 1 and 2 ...
+    s.update([1], [3.0])                        # ... (sample 1 twice): epoch mean 1.5
+    s.sync()
+    ema, std = s.relative()
+    r0, r1 = (0.5 + 1.0 / 1.5) / 2, (1.0 + 2.0 / 1.5) / 2    # EMA of the shares, decay 0.5
+    np.testing.assert_allclose(ema, [r0, r1, 6.0 / 4.0, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(std, [0.5 * abs(1.0 / 1.5 - 0.5), 0.5 * abs(2.0 / 1.5 - 1.0), 0, 0], rtol=1e-6)
+    assert s.ema[2] > s.ema[1] and ema[2] > ema[1]          # sample 2 was the hardest then
+    assert s.ema[1] > s.ema[0] and ema[1] > ema[0]
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    t = Scores(4)
+    t.load_state_dict(torch.load(buf, weights_only=True))
+    np.testing.assert_array_equal(t.relative()[0], ema)
+    old = {k: v for k, v in s.state_dict().items() if not k.startswith("rel_")}
+    u = Scores(4)
+    u.load_state_dict(old)
+    np.testing.assert_array_equal(u.relative()[0], s.ema)

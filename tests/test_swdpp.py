@@ -384,3 +384,32 @@ def test_staggered_credits_spread_the_floor_and_shorten_the_gap():
         assert np.abs(expected - visits).max() < 1.0 + p.max()
         assert np.abs(expected + start - visits).max() < 1.0 + p.max()
         s.update(ids, (3 * hard[ids] + 0.3 * g.random(ids.size)).astype(np.float32))
+
+
+def test_relative_scores_rank_old_losses_by_their_epochs_mean():
+    """`relative=True`: with every loss falling over training, a sample last measured in
+    an early epoch is not sure only because its loss is older: split on the losses as
+    shares of their epoch's mean, it ranks by how hard it was among the others."""
+    n, k = 1000, 700
+    s = Scores(n)
+    g = np.random.default_rng(0)
+    hard = g.random(n)
+    s.update(np.arange(n), 2.0 + hard)        # epoch 0: every sample, losses 2-3
+    s.sync()
+    recent = g.random(n) < 0.6
+    s.update(np.flatnonzero(recent), 0.25 * (2.0 + hard[recent]))   # epoch 1: a quarter
+    s.sync()
+    plain = get_policy("swdpp", keep=0.7, anneal=0).probabilities(s, 2, k)[0]
+    rel = get_policy("swdpp", keep=0.7, anneal=0, relative=True).probabilities(s, 2, k)[0]
+    sure_plain, sure_rel = plain == 1.0, rel == 1.0
+    for p in (plain, rel):
+        assert p.sum() == pytest.approx(k) and p.min() >= 0.35 - 1e-9
+    # plain: the old losses look hard (most of those not measured again are sure), the
+    # recent ones easy
+    assert sure_plain[~recent].mean() > 0.7 and sure_plain[recent].mean() < 0.4
+    # relative: in both groups alike the harder half is sure
+    for grp in (recent, ~recent):
+        assert abs(sure_rel[grp].mean() - 0.5) < 0.1
+        assert hard[grp & sure_rel].min() > hard[grp & ~sure_rel].max()
+    with pytest.raises(ValueError, match="relative"):
+        get_policy("swdpp", keep=0.7, relative="yes")

@@ -5,8 +5,8 @@ committed state, and with it the epoch plan, only changes at epoch boundaries. U
 `torch.distributed` the buffers of all ranks are gathered first (ids int64, losses and
 weights float32, separate collectives), so every rank ends with identical scores.
 
-Memory: 16 bytes per sample (ema, var float32; count, last_epoch int32) plus the pending
-buffer (16 bytes per reported loss until the next sync).
+Memory: 24 bytes per sample (ema, var, rel_ema, rel_var float32; count, last_epoch int32)
+plus the pending buffer (16 bytes per reported loss until the next sync).
 """
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ class Scores:
 
     Fields (numpy, length n): `ema` float32 (EMA of the loss), `var` float32 (exponentially
     weighted variance of the loss around the EMA), `count` int32 (epochs in which the sample
-    got a loss), `last_epoch` int32 (epoch of the last loss, -1 = never).
+    got a loss), `last_epoch` int32 (epoch of the last loss, -1 = never), `rel_ema`,
+    `rel_var` float32 (the same of each loss divided by the mean loss of its sync, see
+    `relative`).
 
     `decay` is the EMA decay per observation: ema <- decay*ema + (1-decay)*loss.
     `epoch` is the epoch the pending losses belong to; `sync(epoch)` sets it explicitly,
@@ -61,6 +63,10 @@ class Scores:
         self.var = np.zeros(n, np.float32)
         self.count = np.zeros(n, np.int32)
         self.last_epoch = np.full(n, -1, np.int32)
+        # the same EMA and variance of each loss divided by the mean loss of its sync (an
+        # epoch): `relative()`
+        self.rel_ema = np.zeros(n, np.float32)
+        self.rel_var = np.zeros(n, np.float32)
         self.epoch = 0
         self.num_nonfinite = 0          # NaN/inf losses ignored so far (all ranks, after sync)
         self._pending_nonfinite = 0     # local, not yet synced
@@ -184,15 +190,33 @@ class Scores:
         mean = np.clip(swl / sw, -SCORE_LIMIT, SCORE_LIMIT)
         alpha = (1.0 - self.decay) * np.minimum(sw, 1.0)
         first = self.count[touched] == 0
-        ema = self.ema[touched].astype(np.float64)
-        var = self.var[touched].astype(np.float64)
-        d = mean - ema
-        new_ema = np.where(first, mean, ema + alpha * d)
-        new_var = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * d * d))
-        self.ema[touched] = np.clip(new_ema, -SCORE_LIMIT, SCORE_LIMIT)
-        self.var[touched] = np.minimum(new_var, SCORE_LIMIT * SCORE_LIMIT)
+        self._ema_step(self.ema, self.var, touched, mean, alpha, first)
+        scale = float(np.abs(mean).mean())     # this epoch's mean loss (all ranks: same)
+        rel = mean / scale if scale > 0 else mean
+        self._ema_step(self.rel_ema, self.rel_var, touched, rel, alpha, first)
         self.count[touched] += 1
         self.last_epoch[touched] = self.epoch
+
+    @staticmethod
+    def _ema_step(ema_a: np.ndarray, var_a: np.ndarray, touched: np.ndarray, x: np.ndarray,
+                  alpha: np.ndarray, first: np.ndarray) -> None:
+        """ema <- ema + alpha (x - ema), var <- (1 - alpha)(var + alpha d^2), in float64,
+        clipped to SCORE_LIMIT; a first observation sets ema = x, var = 0."""
+        ema = ema_a[touched].astype(np.float64)
+        var = var_a[touched].astype(np.float64)
+        d = x - ema
+        new_ema = np.where(first, x, ema + alpha * d)
+        new_var = np.where(first, 0.0, (1.0 - alpha) * (var + alpha * d * d))
+        ema_a[touched] = np.clip(new_ema, -SCORE_LIMIT, SCORE_LIMIT)
+        var_a[touched] = np.minimum(new_var, SCORE_LIMIT * SCORE_LIMIT)
+
+    def relative(self) -> tuple[np.ndarray, np.ndarray]:
+        """(EMA, std) of each sample's losses divided by the mean loss of the epoch that
+        measured them (float64): a loss measured epochs ago, when every loss was higher,
+        counts as its share of that epoch's mean, not as an absolute value that training
+        has since left behind. The mean is over the samples of the sync (the epoch's
+        selection, all ranks)."""
+        return self.rel_ema.astype(np.float64), np.sqrt(self.rel_var, dtype=np.float64)
 
     # -- checkpointing -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -210,7 +234,7 @@ class Scores:
             "version": _STATE_VERSION, "n": self.n, "decay": self.decay, "epoch": self.epoch,
             "num_nonfinite": self.num_nonfinite, "pending_nonfinite": self._pending_nonfinite,
             "ema": t(self.ema), "var": t(self.var), "count": t(self.count),
-            "last_epoch": t(self.last_epoch),
+            "last_epoch": t(self.last_epoch), "rel_ema": t(self.rel_ema), "rel_var": t(self.rel_var),
             "pending_ids": t(ids), "pending_losses": t(losses), "pending_weights": t(w),
         }
 
@@ -238,16 +262,25 @@ class Scores:
         self.ema, self.var = loaded["ema"], loaded["var"]
         self.count, self.last_epoch = loaded["count"], loaded["last_epoch"]
         self._pending = [(ids, losses, w)] if ids.size else []
+        if "rel_ema" in sd:                 # absent in states saved before session 15:
+            self.rel_ema, self.rel_var = arr("rel_ema", np.float32), arr("rel_var", np.float32)
+            if self.rel_ema.shape != (self.n,) or self.rel_var.shape != (self.n,):
+                raise ValueError(f"state fields 'rel_ema'/'rel_var' have shapes {self.rel_ema.shape}/"
+                                 f"{self.rel_var.shape}, expected ({self.n},)")
+        else:                               # the absolute scores stand in for them
+            self.rel_ema, self.rel_var = self.ema.copy(), self.var.copy()
         self._sanitize()
 
     def _sanitize(self) -> None:
         """Repair scores saved before values were clipped (a checkpoint written after a loss
         of 1e20 holds var = inf, later NaN): out-of-range values are clipped, and NaN scores
         make their sample count as never seen again (measured afresh), with a warning."""
-        nan = np.isnan(self.ema) | np.isnan(self.var)
+        nan = np.isnan(self.ema) | np.isnan(self.var) | np.isnan(self.rel_ema) | np.isnan(self.rel_var)
         if nan.any():
             warnings.warn(f"Scores: {int(nan.sum())} sample(s) had NaN scores in the loaded state; "
                           f"they count as never seen", RuntimeWarning, stacklevel=3)
             self.ema[nan], self.var[nan], self.count[nan], self.last_epoch[nan] = 0, 0, 0, -1
-        np.clip(self.ema, -SCORE_LIMIT, SCORE_LIMIT, out=self.ema)
-        np.clip(self.var, 0.0, SCORE_LIMIT * SCORE_LIMIT, out=self.var)
+            self.rel_ema[nan], self.rel_var[nan] = 0, 0
+        for ema, var in ((self.ema, self.var), (self.rel_ema, self.rel_var)):
+            np.clip(ema, -SCORE_LIMIT, SCORE_LIMIT, out=ema)
+            np.clip(var, 0.0, SCORE_LIMIT * SCORE_LIMIT, out=var)

@@ -35,13 +35,19 @@ def tilt_strength(epoch: int, epochs: int | None, tilt: float, schedule: str) ->
     return float(tilt) * math.sin(math.pi * epoch / epochs) ** 2
 
 
-def above_mean_probabilities(scores: Scores, std_coef: float, k: int, f: float) -> np.ndarray:
+def above_mean_probabilities(scores: Scores, std_coef: float, k: int, f: float,
+                             relative: bool = False) -> np.ndarray:
     """InfoBatch's split at a budget of K: samples scoring above the mean of the seen ones
-    (score = ema + std_coef * std; unseen ones count as above) get 1, the rest share
-    K - H equally; when that share would fall below ``f`` the rest get ``f`` and the
-    sure ones share what remains (sum K, every p in [f, 1])."""
+    (score = ema + std_coef * std, with `relative` both divided by the mean loss of the
+    epoch of the sample's last loss, `Scores.relative`; unseen ones count as above) get 1,
+    the rest share K - H equally; when that share would fall below ``f`` the rest get
+    ``f`` and the sure ones share what remains (sum K, every p in [f, 1])."""
     n = len(scores)
-    s = np.sqrt(scores.var, dtype=np.float64) * std_coef + scores.ema
+    if relative:
+        ema, std = scores.relative()
+        s = std * std_coef + ema
+    else:
+        s = np.sqrt(scores.var, dtype=np.float64) * std_coef + scores.ema
     seen = scores.seen
     hard = ~seen
     if seen.any():
@@ -88,6 +94,9 @@ class SwDPPPolicy(Policy):
     `_anneal_epochs`).
     `guard=True`: f follows the run's keep and no sample is left out of more than
     G = ceil(1/f) epochs in a row (`gap_bound`); off by default (it cost accuracy).
+    `relative=True` (`q="above_mean"`): scores divided by the mean loss of the epoch in
+    which each was measured (`Scores.relative`), so a sample not seen for some epochs is
+    not counted hard only because its loss is older.
     `stagger=True`: the credits start at random phases in [0, 1) (`credits.Credits`), so
     the samples at the floor come due spread over the epochs, not together; `None` (the
     default since session 14): on where keep < 0.6, where the floor binds (see
@@ -100,7 +109,8 @@ class SwDPPPolicy(Policy):
                  std_coef: float = 0.5, floor: float = 0.5, tilt: float = 1.0,
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
-                 anneal_shape: str = "step", guard: bool = False, stagger: bool | None = None) -> None:
+                 anneal_shape: str = "step", guard: bool = False, stagger: bool | None = None,
+                 relative: bool = False) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -132,7 +142,9 @@ class SwDPPPolicy(Policy):
             raise ValueError(f"swdpp guard must be true or false, got {guard!r}")
         if stagger is not None and not isinstance(stagger, bool):
             raise ValueError(f"swdpp stagger must be true, false or null (by keep), got {stagger!r}")
-        self.guard = guard
+        if not isinstance(relative, bool):
+            raise ValueError(f"swdpp relative must be true or false, got {relative!r}")
+        self.guard, self.relative = guard, relative
         self.stagger = bool(self.keep < STAGGER_BELOW) if stagger is None else stagger
         self.anneal, self.anneal_shape = anneal, anneal_shape
         self.anneal_epochs = self._anneal_epochs(anneal)
@@ -210,7 +222,7 @@ class SwDPPPolicy(Policy):
         if lam <= 0.0 or f >= 1.0:
             return np.full(n, k / n), info
         if self.q == "above_mean":
-            q, c = above_mean_probabilities(scores, self.std_coef, k, f), 1.0
+            q, c = above_mean_probabilities(scores, self.std_coef, k, f, self.relative), 1.0
         else:
             q, c = capped_probabilities(score_weights(scores, self.std_coef, self.temperature), k, f)
         q *= lam
