@@ -158,6 +158,10 @@ def test_e2e_policy_learns(e2e_runs: dict, policy: str) -> None:
     if policy != "full":
         # a pruning policy reads less than the dataset in at least one epoch
         assert min(r["samples_read"] for r in recs) < recs[0]["full_samples"]
+    # the longest a sample went unread before each epoch: none before the first; before the
+    # second, the samples epoch 0 did not read (all were read under full data)
+    if policy in ("full", "uniform", "swdpp"):
+        assert [r["unseen_max"] for r in recs] == ([0, 0] if policy == "full" else [0, 1])
     assert (d / "summary.json").exists() and (d / "ckpt" / "last.pt").exists()
     torch.load(d / "ckpt" / "last.pt", weights_only=True)
 
@@ -171,6 +175,8 @@ def test_e2e_report_written(e2e_runs: dict, tmp_path: Path) -> None:
     full = next(r for r in res["rows"] if r["policy"] == "full")
     sw = next(r for r in res["rows"] if r["policy"] == "swdpp")
     assert sw["samples_read"] < full["samples_read"]
+    assert (sw["unseen_max"], full["unseen_max"]) == (1, 0)
+    assert "longest unread (epochs)" in res["table"]
     assert (tmp_path / "rep" / "report.md").read_text().count("|") > 20
 
 

@@ -5,7 +5,8 @@
 A RUN_DIR may also be a folder of runs (searched recursively for ``metrics.jsonl``). Runs are
 grouped by (dataset, policy, keep); seeds are aggregated (mean and sample std). Prints a
 markdown table -- final test accuracy, training wall time, samples/bytes/requests read,
-and the ratios versus the full-data run of the same dataset -- and writes ``report.md``,
+the ratios versus the full-data run of the same dataset, and the most epochs in a row a
+sample went unread (the worst over the seeds) -- and writes ``report.md``,
 ``runs.csv`` and PNG plots (accuracy vs wall time, bytes read per epoch, kept fraction per
 epoch, distribution of per-sample training losses) into REPORT_DIR.
 """
@@ -70,6 +71,7 @@ def load_run(run: Path) -> dict[str, Any] | None:
         "requests": tot("requests"), "steps": tot("steps"), "kept": tot("kept"),
         "data_wait_s": tot("data_wait_s"), "compute_s": tot("compute_s"),
         "full_samples_epoch": last.get("full_samples"), "full_bytes_epoch": last.get("full_bytes"),
+        "unseen_max": max((r["unseen_max"] for r in recs if r.get("unseen_max") is not None), default=None),
     }
 
 
@@ -106,6 +108,8 @@ def aggregate(runs: list[dict]) -> list[dict]:
                "cpu_mean": cpu_m, "cpu_std": cpu_s}
         for k in ("samples_read", "bytes_read", "requests", "steps", "data_wait_s", "compute_s"):
             row[k] = _mean_std([r[k] for r in rs])[0]
+        gaps = [r["unseen_max"] for r in rs if r.get("unseen_max") is not None]
+        row["unseen_max"] = max(gaps) if gaps else None     # the worst over the seeds
         rows.append(row)
     order = {"full": 0, "swdpp": 1, "uniform": 2, "infobatch": 3, "ucb": 4, "eps_greedy": 5}
     rows.sort(key=lambda r: (r["dataset"], r["keep"] != 1.0 or r["policy"] != "full", r["keep"] * -1,
@@ -140,7 +144,8 @@ def _human(n: float | None) -> str:
 def table(rows: list[dict]) -> str:
     """Markdown table of the aggregated rows."""
     head = ("| dataset | policy | keep | seeds | epochs | test acc % (mean ± std) | Δ vs full (pts) | "
-            "train wall s | time vs full | train CPU s | CPU vs full | samples read | bytes read | bytes vs full | requests |")
+            "train wall s | time vs full | train CPU s | CPU vs full | samples read | bytes read | bytes vs full | requests | "
+            "longest unread (epochs) |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
         acc = f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}" if r["acc_mean"] is not None else "-"
@@ -149,7 +154,7 @@ def table(rows: list[dict]) -> str:
             f"| {acc} | {_fmt(r['acc_delta'], '+.2f')} | {_fmt(r['wall_mean'], '.1f')} ± {_fmt(r['wall_std'], '.1f')} "
             f"| {_fmt(r['time_ratio'], '.2f')}x | {_fmt(r['cpu_mean'], '.1f')} ± {_fmt(r['cpu_std'], '.1f')} "
             f"| {_fmt(r['cpu_ratio'], '.2f')}x | {_fmt(r['samples_read'], ',.0f')} | {_human(r['bytes_read'])} "
-            f"| {_fmt(r['bytes_ratio'], '.2f')}x | {_fmt(r['requests'], ',.0f')} |")
+            f"| {_fmt(r['bytes_ratio'], '.2f')}x | {_fmt(r['requests'], ',.0f')} | {_fmt(r['unseen_max'], 'd')} |")
     return "\n".join(lines)
 
 

@@ -368,4 +368,8 @@ class EpochLoop:
             # the scores this epoch was planned from (its losses are applied at the next sync)
             rec["score_hist"] = loss_histogram(np.asarray(sc.ema)[seen])
             rec["score_hist"]["seen_fraction"] = float(seen.mean()) if seen.size else 0.0
+            # epochs in a row the longest-waiting sample went unread before this one (never
+            # read: all of them); its largest value over a run is the run's worst gap
+            last = np.asarray(sc.last_epoch)
+            rec["unseen_max"] = int(epoch - 1 - last.min()) if last.size and epoch > 0 else 0
         return rec
