@@ -413,3 +413,30 @@ def test_relative_scores_rank_old_losses_by_their_epochs_mean():
         assert hard[grp & sure_rel].min() > hard[grp & ~sure_rel].max()
     with pytest.raises(ValueError, match="relative"):
         get_policy("swdpp", keep=0.7, relative="yes")
+
+
+def test_gap_at_keep_07_where_the_floor_does_not_bind():
+    """The simulation above puts half of the samples above the mean, where the split's
+    floor binds and its samples come due together (worst gap 4 over annealed 30 epochs).
+    Losses are right-skewed in practice: 38-43% of CIFAR-10's samples are above the mean
+    (docs/algorithm.md). With log-normal difficulties (37-38% above the mean here) the
+    default at keep 0.7 leaves no sample unread for more than 3 epochs in a row (the
+    property target; real CIFAR-10 runs: 2, docs/results.md session 15), while the hard
+    samples are still read more."""
+    for seed in range(3):
+        pol = get_policy("swdpp", keep=0.7, epochs=30)
+        s, g = Scores(N), np.random.default_rng(seed)
+        hard = np.exp(0.5 * g.standard_normal(N))
+        taken, above = np.zeros((30, N), bool), []
+        for e in range(30):
+            s.sync(e)
+            out = pol(s, e, rng(seed, e, Stream.POLICY))
+            ids = np.flatnonzero(out.p > 0.5)
+            taken[e, ids] = True
+            s.update(ids, (hard[ids] * np.exp(0.2 * g.standard_normal(ids.size))).astype(np.float32))
+            if e:
+                above.append((s.ema[s.seen] > s.ema[s.seen].mean()).mean())
+        assert 0.35 < np.median(above) < 0.42
+        assert max_gap(taken) <= 3
+        assert np.corrcoef(taken.sum(0), hard)[0, 1] > 0.7
+        assert taken.sum() == pytest.approx(0.7 * N * 30, abs=30)
