@@ -440,3 +440,28 @@ def test_gap_at_keep_07_where_the_floor_does_not_bind():
         assert max_gap(taken) <= 3
         assert np.corrcoef(taken.sum(0), hard)[0, 1] > 0.7
         assert taken.sum() == pytest.approx(0.7 * N * 30, abs=30)
+
+
+def test_warmup_epochs_train_on_full_data_and_are_paid_for():
+    """`warmup=W`: the first W epochs read everything (InfoBatch's epoch 0), the pruned ones
+    pay for them with the annealing epochs: with W = 1 and one annealing epoch of 10 at
+    keep 0.5 the pruned epochs keep 0.375, exactly InfoBatch's schedule at the same budget;
+    at 30 epochs W = 1 and F = 3 give InfoBatch's 1 + 3 full epochs and keep' 0.654."""
+    pol = get_policy("swdpp", keep=0.5, epochs=10, warmup=1, anneal=0.1)
+    ib = get_policy("infobatch", keep=0.5, epochs=10, budget="run")
+    assert [pol.num_selected(N, e) for e in range(10)] == [ib.num_selected(N, e) for e in range(10)]
+    assert pol.num_selected(N, 0) == N == pol.num_selected(N, 9) and pol.pruned_keep == pytest.approx(0.375)
+    pol = get_policy("swdpp", keep=0.7, epochs=30, warmup=1, anneal=0.09)
+    ib = get_policy("infobatch", keep=0.7, epochs=30, budget="run")
+    assert [pol.num_selected(N, e) for e in range(30)] == [ib.num_selected(N, e) for e in range(30)]
+    taken, _, pol = simulate("swdpp", 0.7, 30, warmup=2)
+    assert taken[:2].all() and taken.sum() == pytest.approx(0.7 * N * 30, abs=30)
+    assert [pol.is_full_epoch(e) for e in (0, 1, 2, 25, 26)] == [True, True, False, False, True]
+    taken, _, _ = simulate("swdpp", 0.7, 30, warmup=1, anneal=0.09)
+    assert taken[0].all() and max_gap(taken) <= 4          # as without warm-up (half above the mean)
+    with pytest.raises(ValueError, match="leaves nothing"):
+        get_policy("swdpp", keep=0.2, epochs=10, warmup=2)
+    with pytest.raises(ValueError, match="warmup"):
+        get_policy("swdpp", keep=0.5, epochs=10, warmup=-1)
+    with pytest.raises(ValueError, match="warmup needs epochs"):
+        get_policy("swdpp", keep=0.5, warmup=1)

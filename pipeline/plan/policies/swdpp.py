@@ -92,6 +92,9 @@ class SwDPPPolicy(Policy):
     keep' = (keep E - (F + 1)/2) / (E - (F + 1)/2): the same run budget.
     `anneal=None` (the default since session 10): F = round(E / 8) from E = 12 on (see
     `_anneal_epochs`).
+    `warmup=W`: the first W epochs train on full data (InfoBatch's epoch 0: every sample
+    gets a loss before the first split), paid for by the pruned ones like the annealing
+    epochs; 0 (the default) starts pruning at epoch 0 with uniform probabilities.
     `guard=True`: f follows the run's keep and no sample is left out of more than
     G = ceil(1/f) epochs in a row (`gap_bound`); off by default (it cost accuracy).
     `relative=True` (`q="above_mean"`): scores divided by the mean loss of the epoch in
@@ -110,7 +113,7 @@ class SwDPPPolicy(Policy):
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
                  anneal_shape: str = "step", guard: bool = False, stagger: bool | None = None,
-                 relative: bool = False) -> None:
+                 relative: bool = False, warmup: int = 0) -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -145,14 +148,24 @@ class SwDPPPolicy(Policy):
         if not isinstance(relative, bool):
             raise ValueError(f"swdpp relative must be true or false, got {relative!r}")
         self.guard, self.relative = guard, relative
+        if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
+            raise ValueError(f"swdpp warmup (full-data epochs at the start) must be an integer >= 0, "
+                             f"got {warmup!r}")
+        if warmup and self.keep < 1.0 and self.epochs is None:
+            raise ValueError("swdpp warmup needs epochs (the full epochs are paid for by the others)")
+        self.warmup = warmup if self.keep < 1.0 else 0
         self.stagger = bool(self.keep < STAGGER_BELOW) if stagger is None else stagger
         self.anneal, self.anneal_shape = anneal, anneal_shape
         self.anneal_epochs = self._anneal_epochs(anneal)
-        f, e = self.anneal_epochs, self.epochs
+        f, e, w = self.anneal_epochs, self.epochs, self.warmup
         self.pruned_keep, self.pruned_epochs = self.keep, self.epochs
-        if f:
+        if f or w:
+            paid = self._paid(f) + w
+            if f + w >= e or self.keep * e - paid <= 0:
+                raise ValueError(f"swdpp keep={self.keep} over {e} epochs leaves nothing for the pruned "
+                                 f"epochs once {w} warm-up and {f} annealing epoch(s) are paid for")
             self.pruned_epochs = e - f
-            self.pruned_keep = (self.keep * e - self._paid(f)) / (e - self._paid(f))
+            self.pruned_keep = (self.keep * e - paid) / (e - paid)
         self._credits = Credits(self.stagger)
 
     def _paid(self, f: int) -> float:
@@ -182,8 +195,9 @@ class SwDPPPolicy(Policy):
         return f
 
     def is_full_epoch(self, epoch: int) -> bool:
-        """keep 1, or one of the last F epochs ("step"; "ramp": the last epoch)."""
-        if self.keep >= 1.0:
+        """keep 1, one of the first `warmup` epochs, or one of the last F epochs ("step";
+        "ramp": the last epoch)."""
+        if self.keep >= 1.0 or epoch < self.warmup:
             return True
         if not self.anneal_epochs:
             return False
