@@ -144,7 +144,8 @@ def test_tilt_schedule_starts_and_ends_near_uniform():
     assert np.allclose(p0, 0.7) and p5.std() > 0.1 and p5.min() >= 0.35 - 1e-9
 
 
-def test_plans_are_deterministic_and_resume_from_the_saved_state():
+@pytest.mark.parametrize("kw", [{}, {"warmup": 1}], ids=["default", "warmup"])
+def test_plans_are_deterministic_and_resume_from_the_saved_state(kw):
     def run(pol, epochs, state_at=None):
         s = Scores(N)
         g = np.random.default_rng(1)
@@ -160,11 +161,11 @@ def test_plans_are_deterministic_and_resume_from_the_saved_state():
             s.update(ids, g.lognormal(size=ids.size).astype(np.float32))
         return sel, saved
 
-    a, saved = run(get_policy("swdpp", keep=0.7, epochs=10), 8, state_at=5)   # epoch 9: full
-    b, _ = run(get_policy("swdpp", keep=0.7, epochs=10), 8)
+    a, saved = run(get_policy("swdpp", keep=0.7, epochs=10, **kw), 8, state_at=5)   # epoch 9: full
+    b, _ = run(get_policy("swdpp", keep=0.7, epochs=10, **kw), 8)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))     # same (seed, epoch, scores): same plans
     sd = torch.load(io.BytesIO(saved), weights_only=True)
-    fresh = get_policy("swdpp", keep=0.7, epochs=10)
+    fresh = get_policy("swdpp", keep=0.7, epochs=10, **kw)
     fresh.load_state_dict(sd["policy"])
     s = Scores(N)
     s.load_state_dict(sd["scores"])
