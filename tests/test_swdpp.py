@@ -466,3 +466,32 @@ def test_warmup_epochs_train_on_full_data_and_are_paid_for():
         get_policy("swdpp", keep=0.5, epochs=10, warmup=-1)
     with pytest.raises(ValueError, match="warmup needs epochs"):
         get_policy("swdpp", keep=0.5, warmup=1)
+
+
+def test_independent_draws_keep_the_budget_and_follow_the_probabilities():
+    """`selection="draws"`: every epoch exactly K, drawn with P(i) = p_i independently of the
+    other epochs (no credits), deterministic from (seed, epoch, scores)."""
+    taken, hard, pol = simulate("swdpp", 0.7, 30, selection="draws")
+    k = budget(pol.epoch_keep(0), N)
+    pruned = [e for e in range(30) if not pol.is_full_epoch(e)]
+    assert all(taken[e].sum() == k for e in pruned) and taken[~np.isin(np.arange(30), pruned)].all()
+    visits = taken.sum(0)
+    order = np.argsort(hard)
+    assert visits[order[-N // 10:]].mean() > visits[order[:N // 10]].mean() + 3
+    again, _, _ = simulate("swdpp", 0.7, 30, selection="draws")
+    assert np.array_equal(taken, again)
+    # one epoch's inclusion frequencies over many generators match its probabilities
+    s = Scores(N)
+    s.update(np.arange(N), (3 * hard).astype(np.float32))
+    s.sync(1)
+    p, _ = pol.probabilities(s, 1, k)
+    freq = np.mean([pol(s, 1, rng(seed, 1, Stream.POLICY)).p > 0.5 for seed in range(100)], axis=0)
+    levels = np.unique(np.round(p, 9))
+    assert levels.size >= 2                                    # sure samples and the shared rest
+    for level in levels:
+        at = np.isclose(p, level)
+        assert abs(freq[at].mean() - level) < 0.01, (level, freq[at].mean())
+    with pytest.raises(ValueError, match="selection"):
+        get_policy("swdpp", keep=0.7, epochs=30, selection="random")
+    with pytest.raises(ValueError, match="guard"):
+        get_policy("swdpp", keep=0.7, epochs=30, selection="draws", guard=True)

@@ -9,12 +9,14 @@ import numpy as np
 
 from ..scores import Scores
 from .base import Policy, PolicyOutput, capped_probabilities, score_weights
+from ..sampling import select
 from .credits import Credits
 
 __all__ = ["SwDPPPolicy", "tilt_strength"]
 
 SCHEDULES = ("sine", "constant")
 WEIGHTS = ("none", "importance", "rescale", "epoch")
+SELECTIONS = ("credits", "draws")
 SHAPES = ("soft", "above_mean")
 ANNEALS = ("step", "ramp")
 # `stagger=None` staggers the credits below this keep. With the split at budget K the
@@ -104,6 +106,9 @@ class SwDPPPolicy(Policy):
     the samples at the floor come due spread over the epochs, not together; `None` (the
     default since session 14): on where keep < 0.6, where the floor binds (see
     `STAGGER_BELOW`).
+    `selection="draws"` (session 18, off): each epoch drawn independently of the others with
+    P(i taken) = p_i exactly (`sampling.select`, systematic PPS on a random order), as
+    InfoBatch draws; visits balance only on average and the gap is unbounded.
     """
 
     name = "swdpp"
@@ -113,7 +118,7 @@ class SwDPPPolicy(Policy):
                  schedule: str = "constant", weights: str = "epoch", max_weight: float = 2.0,
                  mixup: float = 0.0, anneal: float | None = None, q: str = "above_mean",
                  anneal_shape: str = "step", guard: bool = False, stagger: bool | None = None,
-                 relative: bool = False, warmup: int = 0) -> None:
+                 relative: bool = False, warmup: int = 0, selection: str = "credits") -> None:
         super().__init__(keep, epochs)
         if not temperature > 0:
             raise ValueError(f"swdpp temperature must be > 0, got {temperature!r}")
@@ -147,7 +152,11 @@ class SwDPPPolicy(Policy):
             raise ValueError(f"swdpp stagger must be true, false or null (by keep), got {stagger!r}")
         if not isinstance(relative, bool):
             raise ValueError(f"swdpp relative must be true or false, got {relative!r}")
-        self.guard, self.relative = guard, relative
+        if selection not in SELECTIONS:
+            raise ValueError(f"swdpp selection must be one of {SELECTIONS}, got {selection!r}")
+        if selection == "draws" and guard:
+            raise ValueError("swdpp guard bounds the gap through the credits; it needs selection='credits'")
+        self.guard, self.relative, self.selection = guard, relative, selection
         if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 0):
             raise ValueError(f"swdpp warmup (full-data epochs at the start) must be an integer >= 0, "
                              f"got {warmup!r}")
@@ -248,7 +257,10 @@ class SwDPPPolicy(Policy):
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         n = len(scores)
         p, info = self.probabilities(scores, epoch, k)
-        ids = self._credits.take(p, epoch, k, rng, gap=self.gap_bound(k, n))
+        if self.selection == "draws":   # independent per epoch: P(i taken) = p_i exactly
+            ids = select(p, rng)
+        else:
+            ids = self._credits.take(p, epoch, k, rng, gap=self.gap_bound(k, n))
         sel = np.zeros(n)
         sel[ids] = 1.0
         weight = np.ones(n, np.float32)
