@@ -146,3 +146,37 @@ def test_pixels_come_back_exactly(h, w):
     hw = np.tile(np.array([[h, w]]), (4000, 1))
     p, top, left, ph, pw = _windows(hw)
     assert np.allclose(p.anchor[:, 0] * h, top, atol=1e-3) and np.allclose(p.shape[:, 1] * w, pw, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_cifar_preset_fits_other_sizes_before_its_pad_crop(tmp_path, backend):
+    """augment="cifar" with image_size on larger, variable-size photos: training brings each
+    image to the output size as evaluation does (shorter side, centre crop) before padding
+    and cropping, so the centre of the photo is in every training crop (cutting the 32x32
+    window straight from the photo would show its top-left corner: white here)."""
+    import pipeline
+    from pipeline.formats import convert
+
+    for c, (h, w) in (("a", (200, 300)), ("b", (300, 200))):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            a = np.full((h, w, 3), 255, np.uint8)
+            a[h // 2 - h // 8:h // 2 + h // 8, w // 2 - w // 8:w // 2 + w // 8] = 0  # dark centre
+            Image.fromarray(a).save(tmp_path / "src" / c / f"{i}.png")
+    convert(tmp_path / "src", tmp_path / "wds", format="wds", progress=False)
+    ds = pipeline.open_dataset(tmp_path / "wds")
+    opts = pipeline.LoaderOptions.of(image_size=32)
+    kw = dict(backend=backend, device="cpu", augment="cifar", options=opts)
+    train = pipeline.Loader(ds, 6, keep=1.0, policy="full", epochs=2, seed=3, **kw)
+    evl = pipeline.Loader.for_eval(ds, 6, **kw)
+    for e in range(2):
+        t = next(iter(train.epoch(e))).images
+        v = next(iter(evl.epoch(0))).images
+        assert t.shape == v.shape == (6, 3, 32, 32)
+        dark = lambda x: (x < 0).all(1).float()             # below the mean in every channel
+        # the shift is at most 4 px, so the photo's dark centre (8x8 after the fit) stays
+        # inside the crop's central 24x24, and no padding reaches there
+        assert torch.allclose(dark(t)[:, 4:28, 4:28].sum((1, 2)), dark(v).sum((1, 2)), atol=6)
+        assert (dark(v).sum((1, 2)) > 40).all()
+    train.close()
+    evl.close()

@@ -2,6 +2,7 @@
 windows as the torch backend's decode-then-crop, on real JPEGs."""
 import warnings
 
+import pytest
 import torch
 
 import pipeline
@@ -150,3 +151,36 @@ def test_payload_rows_and_packed_give_the_same_batches(cifar_test_wds):
             assert torch.equal(rx, px), f"workers={workers}: rows and packed pixels differ"
     with pytest.raises(ValueError, match="payload must be 'packed' or 'rows'"):
         LoaderOptions.of(payload="list")
+
+
+@pytest.mark.parametrize("fmt, extra", [("wds", {}), ("wds", {"encode": "png"}),
+                                        ("wds", {"resize": "40x30"}), ("zarr", {})])
+def test_conversion_keeps_exif_orientation(tmp_path, fmt, extra):
+    """A photo stored sideways with EXIF orientation 6 arrives turned, whether the converter
+    stores its bytes (the decoders turn it) or re-encodes it (the converter turns it: the new
+    file has no orientation tag), and the manifest records the turned size."""
+    import numpy as np
+
+    from PIL import Image
+
+    from pipeline.formats import convert
+
+    ex = Image.Exif()
+    ex[0x0112] = 6
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        _photo(30, 40).save(tmp_path / "src" / c / "x.jpg", "JPEG", quality=95, exif=ex.tobytes())
+    convert(tmp_path / "src", tmp_path / "out", format=fmt, progress=False, **extra)
+    ds = pipeline.open_dataset(tmp_path / "out")
+    h, w = (40, 30)                      # stored 30x40, shown 40x30
+    if ds.shapes is not None:
+        assert ds.shapes[:, :2].tolist() == [[h, w]] * 2
+    want = np.asarray(_photo(30, 40).rotate(-90, expand=True), np.float32) / 255
+    for backend in ("torch", "dali"):
+        L = pipeline.Loader(ds, 2, keep=1.0, policy="full", backend=backend, device="cpu",
+                            augment=None, num_workers=0)
+        got = next(iter(L.epoch(0))).images
+        L.close()
+        assert got.shape == (2, 3, h, w), backend
+        err = (got.permute(0, 2, 3, 1).numpy() - want).__abs__().mean()
+        assert err < 0.03, (backend, err)

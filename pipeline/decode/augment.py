@@ -9,7 +9,8 @@ The backends only *apply* the parameters (DALI: ``fn.slice`` + ``fn.resize`` +
 
 Parameters per sample (:class:`AugmentParams`): ``anchor (y0, x0)``, ``shape (h, w)``, ``flip``.
   * ``pad_crop`` (cifar): absolute pixel window; ``y0, x0`` in ``[-pad, pad]`` (outside the
-    image is zero-padded), ``h, w`` = output size.
+    image is zero-padded), ``h, w`` = output size.  Images not of the output size are first
+    resized (shorter side) and centre-cropped to it, as evaluation does (``resize_shorter``).
   * ``rrc`` (imagenet, train): window relative to the image (``0..1``), then resized; drawn
     as torchvision's ``RandomResizedCrop`` does, in pixels, where the caller knows each
     image's size (the backends read it from the header: formats/imagesize.py); the
@@ -72,9 +73,13 @@ def get_augment(name: str | None, train: bool, channels: int,
         if size is None:
             raise ValueError('augment="cifar" needs fixed-size samples or image_size=')
         mean, std = _per_channel(CIFAR_MEAN, channels), _per_channel(CIFAR_STD, channels)
+        # images of another size (or of varied sizes) are first brought to the output size
+        # as evaluation brings them (shorter side, centre crop), then padded and cropped;
+        # cutting the window straight from a larger image would train on its top-left corner
+        fit = None if size == hw else size[0]
         if train:
             return AugmentSpec(name, True, channels, size, "pad_crop", True, pad=pad,
-                               mean=mean, std=std)
+                               resize_shorter=fit, mean=mean, std=std)
         return AugmentSpec(name, False, channels, size, "none" if size == hw else "resize_center",
                            False, resize_shorter=size[0], mean=mean, std=std)
     if name == "imagenet":

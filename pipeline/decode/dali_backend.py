@@ -104,6 +104,9 @@ def _augment_graph(images, anchor, shape, flip, spec: AugmentSpec, cropped: bool
     if spec.mode == "pad_crop":
         if shape is None:  # the fixed output window
             shape = np.asarray(spec.out_size, dtype=np.float32)
+        if spec.resize_shorter:  # another size: to the output size first, as eval does
+            images = fn.crop(fn.resize(images, resize_shorter=spec.resize_shorter, antialias=True),
+                             crop=list(spec.out_size))
         images = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False,
                           normalized_shape=False, out_of_bounds_policy="pad", fill_values=0)
     elif spec.mode == "rrc":

@@ -49,6 +49,9 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
 
     (y0, x0), (ph, pw) = p.anchor[j], p.shape[j]
     if spec.mode == "pad_crop":
+        if spec.resize_shorter:  # another size: to the output size first, as eval does
+            img = F.center_crop(F.resize(img, [spec.resize_shorter], antialias=True),
+                                list(spec.out_size))
         img = _crop_pad(img, int(y0), int(x0), int(ph), int(pw))
     elif spec.mode == "rrc":
         (top, left), (h, w) = rrc_pixels(p.anchor[j], p.shape[j],

@@ -78,16 +78,26 @@ def probe_image(path: str) -> tuple[str, int, int, int]:
         fmt = img.format or ""
         if fmt == "PNG" and png_bit_depth(data) > 8:
             fmt = "PNG;16"
-        return fmt, img.height, img.width, channels_of_mode(img.mode)
+        h, w = oriented(img).size[::-1]
+        return fmt, h, w, channels_of_mode(img.mode)
+
+
+def oriented(img):
+    """``img`` turned as its EXIF orientation tag says (what the loader's decoders show, and
+    what a re-encoded copy must hold: the re-encoded file carries no orientation tag)."""
+    from PIL import ImageOps
+    return ImageOps.exif_transpose(img)
 
 
 def decode_bytes(data: bytes, channels: int | None = None,
                  resize: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode image bytes to uint8 (H,W,C); ``channels`` 1 -> L, 3 -> RGB, 4 -> RGBA.
-    16-bit grayscale is scaled to 8 bits (``to_8bit``), never clipped."""
+    """Decode image bytes to uint8 (H,W,C), turned by its EXIF orientation; ``channels``
+    1 -> L, 3 -> RGB, 4 -> RGBA.  16-bit grayscale is scaled to 8 bits (``to_8bit``), never
+    clipped; ``resize`` (H, W) applies after the turn."""
     from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        img = oriented(img)
         if img.mode in WIDE_MODES:
             img = to_8bit(img)
         if channels is not None:
