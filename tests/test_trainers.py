@@ -281,3 +281,52 @@ def test_scaled_decay_factor_is_the_same_on_every_rank(tmp_path: Path) -> None:
     mp.spawn(_mean_weight_rank, args=(f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
     got = [float(Path(tmp_path, f"r{r}").read_text()) for r in (0, 1)]
     assert got == [1.6, 1.6]
+
+
+def _folder(root: Path, classes: dict, size=(16, 16), mode: str = "RGB") -> Path:
+    """An ImageFolder converted to shards: ``classes`` maps class name -> images."""
+    from PIL import Image
+
+    from pipeline.formats import convert
+    for k, (c, n) in enumerate(classes.items()):
+        (root / "src" / c).mkdir(parents=True)
+        for i in range(n):
+            hw = size[i % len(size)] if isinstance(size[0], tuple) else size
+            Image.new(mode, hw[::-1], (40 * k + i) % 255).save(root / "src" / c / f"{i}.png")
+    convert(root / "src", root / "wds", format="wds", progress=False)
+    return root / "wds"
+
+
+def test_test_set_that_a_model_cannot_score_is_refused_at_start(tmp_path: Path, capsys) -> None:
+    """Before any training: a test set whose labels name other classes, with more classes,
+    other channels, or (cifar preset) other sizes is refused naming both datasets; one that
+    holds only the first classes is accepted."""
+    import pipeline
+    from trainers.build import check_test_set
+    from trainers.classify import main
+
+    def ds(name, classes, **kw):
+        return pipeline.open_dataset(_folder(tmp_path / name, classes, **kw))
+    train = ds("train", {"cat": 2, "dog": 2, "zebra": 2})
+    cases = {
+        "fruit": (ds("fruit", {"apple": 1, "banana": 1, "cherry": 1}),
+                  r"label 0 means 'apple' in the test set .*fruit.* and 'cat' in the training set"),
+        "more": (ds("more", {"cat": 1, "dog": 1, "zebra": 1, "zoo": 1}),
+                 r"has 4 classes .* training set .* 3 .*no output for zoo"),
+        "yak": (ds("yak", {"cat": 1, "dog": 1, "yak": 1, "zebra": 1}),
+                r"label 2 means 'yak' .* 'zebra'"),
+        "order": (ds("order", {"dog": 1, "zebra": 1}), r"label 0 means 'dog' .* 'cat'"),
+        "gray": (ds("gray", {"cat": 1, "dog": 1, "zebra": 1}, mode="L"), r"1 channel\(s\) .* 3"),
+        "sizes": (ds("sizes", {"cat": 2, "dog": 2, "zebra": 2}, size=((16, 16), (20, 12))),
+                  r"holds images of varied sizes, the training set .* 16x16.*--resize 16x16"),
+    }
+    for name, (test, msg) in cases.items():
+        with pytest.raises(ValueError, match=msg):
+            check_test_set(train, test, "cifar", "train", name)
+    check_test_set(train, cases["sizes"][0], "imagenet", "train", "sizes")  # resized in eval
+    check_test_set(train, ds("first", {"cat": 1, "dog": 1}), "cifar", "train", "first")
+    with pytest.raises(SystemExit) as e:   # the command line says it in one line, before training
+        main(["--data", str(tmp_path / "train" / "wds"), "--test-data", str(tmp_path / "fruit" / "wds"),
+              "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert e.value.code == 2 and "label 0 means 'apple'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -28,6 +28,35 @@ def resolve_augment(name: str | None, ds: Any) -> str | None:
     return name
 
 
+def check_test_set(train: Any, test: Any, augment: str | None, data: str, test_data: str) -> None:
+    """Raise ValueError, naming both datasets, where the test set cannot be scored by a model
+    trained on ``train``: a label that names another class than in the training set (the
+    test set may hold the first classes only: a split without the last class, or integer
+    labels whose largest value is smaller), another number of channels, or, under the
+    "cifar" preset (which evaluates at the stored size), images of another size."""
+    def names(c: list) -> str:
+        return ", ".join(map(str, c[:6])) + (f", ... ({len(c)} classes)" if len(c) > 6 else "")
+    a, b = list(train.classes), list(test.classes)
+    bad = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if bad:
+        raise ValueError(f"label {bad[0]} means {b[bad[0]]!r} in the test set {test_data} and "
+                         f"{a[bad[0]]!r} in the training set {data} (classes [{names(b)}] "
+                         f"against [{names(a)}]); convert both with the same class folders")
+    if len(b) > len(a):
+        raise ValueError(f"the test set {test_data} has {len(b)} classes [{names(b)}], the "
+                         f"training set {data} {len(a)} [{names(a)}]: the model has no output "
+                         f"for {names(b[len(a):])}")
+    if int(train.channels or 3) != int(test.channels or 3):
+        raise ValueError(f"the test set {test_data} has {test.channels} channel(s) per image, the "
+                         f"training set {data} {train.channels}: convert both alike")
+    if augment == "cifar" and tuple(test.sample_shape or ()) != tuple(train.sample_shape or ()):
+        got = "x".join(map(str, test.sample_shape[:2])) if test.sample_shape else "of varied sizes"
+        want = "x".join(map(str, train.sample_shape[:2]))
+        raise ValueError(f"the test set {test_data} holds images {got}, the training set {data} "
+                         f"{want}: the cifar preset evaluates at the stored size; convert the "
+                         f"test set with --resize {want}, or train with --augment imagenet")
+
+
 def make_loader(ds: Any, args: argparse.Namespace, world_size: int, rank: int, device: str, train: bool):
     """Training loader, or (``train=False``) the evaluation loader with the same preset in eval mode.
 

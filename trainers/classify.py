@@ -25,7 +25,7 @@ from typing import Sequence
 from pipeline.decode import BACKENDS
 from pipeline.plan.policies import POLICIES
 
-from .build import build_training, make_loader, resolve_augment
+from .build import build_training, check_test_set, make_loader, resolve_augment
 from .epoch_loop import EpochLoop, cpu_seconds, evaluate, train_step
 from .models import MODELS
 from .optim import OPTIMIZERS
@@ -134,10 +134,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = start_run(args)
     ds = pipeline.open_dataset(args.data)
     args.augment = resolve_augment(args.augment, ds)  # the test set is normalised like the training set
+    test_ds = pipeline.open_dataset(args.test_data) if args.test_data else None
+    if test_ds is not None:  # every rank: one that exits alone would leave the others waiting
+        try:
+            check_test_set(ds, test_ds, args.augment, args.data, args.test_data)
+        except ValueError as e:
+            parser.error(str(e))
     loader = make_loader(ds, args, run.world_size, run.rank, args.device, train=True)
     test_loader = None
-    if args.test_data and run.is_main:
-        test_loader = make_loader(pipeline.open_dataset(args.test_data), args, 1, 0, args.device, train=False)
+    if test_ds is not None and run.is_main:
+        test_loader = make_loader(test_ds, args, 1, 0, args.device, train=False)
     model, raw_model, opt, sched, steps, lr = build_training(args, ds, loader, run.device, run.world_size)
     progress = resume(run, args, raw_model, opt, sched, loader)
     write_config(run, args, ds, raw_model, lr, steps)
