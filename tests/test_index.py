@@ -126,11 +126,18 @@ def test_bad_input_named_skipped_or_refused(jpegs, tmp_path):
     pax_tar(tmp_path / "dup.tar", good + [("s3.jpg", img), ("s3.cls", b"4"), ("s0.jpg", img)])
     pax_tar(tmp_path / "badlabel.tar", good + [("s4.jpg", img), ("s4.cls", b"x")])
     pax_tar(tmp_path / "nolabel.tar", good + [("s5.jpg", img)])
+    # labels are class indices: a negative one, or an id stored as the label (which would
+    # make millions of classes), is a bad label of that sample, not of the whole run
+    pax_tar(tmp_path / "neglabel.tar", good + [("s6.jpg", img), ("s6.cls", b"-1")])
+    pax_tar(tmp_path / "biglabel.tar", good + [("s7.jpg", img), ("s7.cls", b"3000000")])
     cases = {"noimage": "s2': no image member", "dup": "s0': duplicate key",
-             "badlabel": "'x' in .cls is not an integer", "nolabel": "s5': label 'cls': no .cls member"}
+             "badlabel": "'x' in .cls is not an integer", "nolabel": "s5': label 'cls': no .cls member",
+             "neglabel": "s6': label 'cls': label -1 in .cls is not a class index (0..999999)",
+             "biglabel": "s7': label 'cls': label 3000000 in .cls is not a class index"}
     for name, msg in cases.items():
         s = index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"out-{name}"))
         assert any(msg in p and f"{name}.tar" in p for p in s["skipped"]), s["skipped"]
+        assert len(pipeline.open_dataset(tmp_path / f"out-{name}").classes) <= 5
         with pytest.raises(IndexError_, match=f"{name}.tar.*{msg[:12]}"):
             index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"strict-{name}"), strict=True)
     data = (tmp_path / "noimage.tar").read_bytes()

@@ -17,7 +17,8 @@ expression searched in the key, e.g. the class directory; class names sorted).
 
 Shards may be local paths or ``http(s)://`` / fsspec URLs (headers fetched with ranged
 reads, one small window per header).  A sample without an image member, a duplicate key,
-a truncated or non-tar file, a label that is missing or not an integer: ``strict`` raises
+a truncated or non-tar file, a label that is missing or not an integer class index
+(0..``MAX_LABEL``): ``strict`` raises
 :class:`IndexError_` naming shard and member; otherwise the sample (or shard) is skipped and
 reported in the summary.  Indexed datasets have no checksums (the ``crc32`` column is 0 and
 ``params.checksums`` is false): the loader then skips CRC checks.
@@ -39,6 +40,10 @@ from .tarscan import ShardReader, TarError, scan_shard, split_key
 
 __all__ = ["IndexError_", "expand_shards", "split_key", "check_fields", "index"]
 
+# integer labels are class indices: classes "0".."max" are written, so a stray large value
+# (an id stored as the label) would make millions of classes; 1,000,000 is far above any
+# classification label set in use (ImageNet-21k: 21,841)
+MAX_LABEL = 999_999
 IMAGE_EXTS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "mixed", "bmp": "mixed",
               "ppm": "mixed", "pgm": "mixed", "tif": "mixed", "tiff": "mixed"}
 
@@ -92,14 +97,17 @@ def _label_reader(spec: str) -> Callable[[str, dict], int | str]:
         raw = m[3]
         if not path:
             text = raw.strip()
-            if text.isdigit():                 # the common case: ASCII decimal digits
+            if text.isdigit() and len(text) <= 6:  # the common case: a few ASCII digits
                 return int(text)
             value = raw.decode("utf-8").strip()
         else:
             value = _json_path(json.loads(raw), path)
         if isinstance(value, bool) or not re.fullmatch(r"-?\d+", str(value).strip()):
             raise ValueError(f"label {value!r} in .{ext} is not an integer")
-        return int(str(value).strip())
+        v = int(str(value).strip())
+        if not 0 <= v <= MAX_LABEL:
+            raise ValueError(f"label {v} in .{ext} is not a class index (0..{MAX_LABEL})")
+        return v
     return from_member
 
 
@@ -331,8 +339,6 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
         lab = np.searchsorted(np.asarray(classes), np.asarray(flat)).astype(np.int32)
     else:
         lab = np.concatenate([np.asarray(part, np.int64) for part in labels])
-        if lab.min() < 0:
-            raise IndexError_(f"negative label {int(lab.min())} in {paths[0]}...")
         classes = [str(c) for c in range(int(lab.max()) + 1)]
     codecs = {IMAGE_EXTS[e.lower()] for g in results for e in g.codecs}
     header = {"format": "wds", "codec": codecs.pop() if len(codecs) == 1 else "mixed",
