@@ -126,6 +126,12 @@ class Loader:
             self.planner = EpochPlanner(self.policy, self.scores, ds.file, ds.offset, self.seed,
                                         world_size=self.world_size, window=opt.plan.window, pad=True,
                                         order=ds.byte_order)
+            steps = self.planner.schedule(batch_size, True) if self.last_batch is LastBatch.DROP else [1]
+            if 0 in steps:  # an epoch that trains on nothing, without a word: refuse it
+                e, k = steps.index(0), self.policy.num_selected(self.n, steps.index(0))
+                raise ValueError(f'last_batch="drop" with batch_size {batch_size} leaves epoch {e} '
+                                 f"empty: it plans {k} of {self.n} samples, {-(-k // self.world_size)} "
+                                 f'per rank; use a smaller batch_size or last_batch="pad"')
         self._synced_epoch: int | None = None
         self._plan: tuple[int, BatchPlan] | None = None
         self._resume: tuple[int, int] | None = None

@@ -178,6 +178,15 @@ def test_drop_last(cifar_wds):
     batches = list(L.epoch(0))
     assert len(batches) == 2000 // 300 == L.steps_per_epoch(0)
     assert all((b.ids >= 0).all() for b in batches)
+    # a batch larger than an epoch's share would silently train on nothing: refused, naming
+    # the first such epoch (here the pruned ones: uniform at keep 0.1 plans 200 samples)
+    for kw, msg in ((dict(batch_size=2001, keep=1.0, policy="full"), "epoch 0 empty: it plans 2000 of 2000"),
+                    (dict(batch_size=101, keep=0.1, policy="uniform",
+                          options=LoaderOptions.of(last_batch="drop", world_size=2, rank=1)),
+                     "epoch 0 empty: it plans 200 of 2000 samples, 100 per rank")):
+        kw.setdefault("options", LoaderOptions.of(last_batch="drop"))
+        with pytest.raises(ValueError, match=msg):
+            pipeline.Loader(ds, backend="torch", num_workers=0, device="cpu", augment=None, **kw)
 
 
 def _corrupt_copy(src, tmp_path, sample):
