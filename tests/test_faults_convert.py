@@ -174,6 +174,24 @@ def test_unresumable_leftovers_are_still_refused(jpeg_folder, tmp_path):
     assert (out / "notes.txt").exists()
 
 
+def test_a_refused_conversion_leaves_nothing_that_blocks_its_retry(jpeg_folder, tmp_path):
+    """Zarr refuses images of two sizes and says to use --resize; --strict refuses a bad
+    image: the retry each message asks for (other options, so another fingerprint) runs."""
+    _png(jpeg_folder / "cat" / "big.png", 9, size=(40, 48))
+    out = tmp_path / "z"
+    r = _run_shard(str(jpeg_folder), str(out), "--format", "zarr")
+    assert r.returncode == 2 and "differ in size" in r.stderr and "--resize" in r.stderr
+    r = _run_shard(str(jpeg_folder), str(out), "--format", "zarr", "--resize", "32x32")
+    assert r.returncode == 0, r.stderr
+    assert pipeline.open_dataset(out).sample_shape[:2] == (32, 32) and len(pipeline.open_dataset(out)) == 121
+    (jpeg_folder / "dog" / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "w"
+    r = _run_shard(str(jpeg_folder), str(out), "--strict")
+    assert r.returncode == 2 and "bad.jpg" in r.stderr
+    r = _run_shard(str(jpeg_folder), str(out))
+    assert r.returncode == 0 and len(pipeline.open_dataset(out)) == 121, r.stderr
+
+
 # ============================================================ item 7: symlinks
 
 def test_symlink_loop_never_walks_a_directory_twice(jpeg_folder, tmp_path):

@@ -269,22 +269,30 @@ def _convert(src, out: Path, *, format: str = "wds", source_type: str | None = N
         print(f"note: removed {len(removed)} half-written file(s) of an interrupted run "
               f"({removed[0]}{', ...' if len(removed) > 1 else ''})", file=sys.stderr)
 
-    # ---- order: seeded shuffle, then (image folders) drop unreadable images
-    n_src = len(source)
-    order = np.random.default_rng(seed).permutation(n_src) if shuffle else np.arange(n_src)
-    want = n_src if limit is None else min(limit, n_src)
-    skipped: list[dict] = []
-    probes: dict[int, tuple] = {}
-    if source.is_encoded:
-        pause_point("check")
-        keys = _readable(source, order, want, probes, skipped, workers, strict, progress)
-    else:
-        keys = order[:want].astype(np.int64)
-    n = len(keys)
-    if n == 0:
-        raise ConvertError(f"empty source: no readable samples in {source.root}")
-    labels = source.labels[keys]
-    plan, channels = _plan_samples(fmt, source, keys, probes, encode, resize)
+    # a refusal before the plan is recorded (sizes Zarr cannot store, --strict and a bad
+    # image, nothing readable) leaves nothing behind: the retry its message asks for, with
+    # other options, must not find "a different conversion" here
+    try:
+        # ---- order: seeded shuffle, then (image folders) drop unreadable images
+        n_src = len(source)
+        order = np.random.default_rng(seed).permutation(n_src) if shuffle else np.arange(n_src)
+        want = n_src if limit is None else min(limit, n_src)
+        skipped: list[dict] = []
+        probes: dict[int, tuple] = {}
+        if source.is_encoded:
+            pause_point("check")
+            keys = _readable(source, order, want, probes, skipped, workers, strict, progress)
+        else:
+            keys = order[:want].astype(np.int64)
+        n = len(keys)
+        if n == 0:
+            raise ConvertError(f"empty source: no readable samples in {source.root}")
+        labels = source.labels[keys]
+        plan, channels = _plan_samples(fmt, source, keys, probes, encode, resize)
+    except ConvertError:
+        if not (out / STATE_DIR / "state.json").exists():   # no shard written yet
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        raise
 
     # ---- shard plan
     if samples_per_shard is None:
