@@ -86,6 +86,8 @@ class Loader:
         env = dist_env()
         self.world_size = int(opt.plan.world_size if opt.plan.world_size is not None else env.world_size)
         self.rank = int(opt.plan.rank if opt.plan.rank is not None else env.rank)
+        if not 0 <= self.rank < self.world_size:   # world_size may come from the environment
+            raise ValueError(f"rank {self.rank} out of range for world_size {self.world_size}")
         workers, threads = default_parallelism(self.device.type, backend,
                                                local_files=not (ds.files and is_url(ds.files[0])))
         self.num_workers = int(workers if num_workers is None else num_workers)
@@ -140,7 +142,8 @@ class Loader:
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._stats: dict[int, EpochStats] = {}
         self._report = CorruptReport(ds, opt.read.on_corrupt is OnCorrupt.RAISE,
-                                     opt.read.max_corrupt_fraction)
+                                     opt.read.max_corrupt_fraction,
+                                     checked=opt.read.verify_crc and ds.has_checksums)
         self._nonfinite_warned: set[int] = set()   # epochs whose all-NaN batch was reported
         self._last_batch: Batch | None = None
         # the backend starts its reader processes now, before anything touches CUDA
@@ -175,6 +178,8 @@ class Loader:
         """
         if self._plan is not None and self._plan[0] == epoch:
             return self._plan[1]
+        if not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be an integer >= 0, got {epoch!r}")
         segments = self._segments(epoch)
         if not self.train:
             plan = eval_plan(self.n, self.ds.byte_order, self.world_size)
@@ -327,13 +332,15 @@ class Loader:
             losses, weights = last.score_update(losses)
         detach = lambda x: x.detach() if torch.is_tensor(x) else x  # noqa: E731
         real, bad = self.scores.update(detach(ids), detach(losses), detach(weights))
-        if bad and last is not None:    # reported in stats; an all-NaN batch warns once an epoch
+        if bad and last is not None:    # counted in stats; the first of an epoch warns
             self._stats[last.epoch].num_nonfinite += bad
-            if bad == real and last.epoch not in self._nonfinite_warned:
+            if last.epoch not in self._nonfinite_warned:
                 self._nonfinite_warned.add(last.epoch)
-                warnings.warn(f"epoch {last.epoch} step {last.step}: all {real} losses of the batch are "
-                              "NaN/inf (diverged? lower the LR); the scores ignore them", RuntimeWarning,
-                              stacklevel=2)
+                what = (f"all {real} losses of the batch are" if bad == real else
+                        f"{bad} of the batch's {real} losses are")
+                warnings.warn(f"epoch {last.epoch} step {last.step}: {what} NaN/inf (diverged? lower "
+                              "the LR); the scores ignore them (counted in stats().num_nonfinite)",
+                              RuntimeWarning, stacklevel=2)
 
     def stats(self, epoch: int | None = None) -> EpochStats:
         """Counters of ``epoch`` (default: the latest epoch started)."""

@@ -189,6 +189,19 @@ def test_drop_last(cifar_wds):
             pipeline.Loader(ds, backend="torch", num_workers=0, device="cpu", augment=None, **kw)
 
 
+def test_misuse_is_refused_naming_the_value(cifar_wds):
+    ds = pipeline.open_dataset(cifar_wds)
+    kw = dict(batch_size=64, keep=0.7, policy="uniform", backend="torch", num_workers=0,
+              device="cpu", augment=None)
+    with pytest.raises(ValueError, match="rank 3 out of range for world_size 1"):
+        pipeline.Loader(ds, options=LoaderOptions.of(rank=3), **kw)   # world size from the env: 1
+    L = pipeline.Loader(ds, **kw)
+    for bad in (-1, 1.5):
+        with pytest.raises(ValueError, match=f"epoch must be an integer >= 0, got {bad}"):
+            next(iter(L.epoch(bad)))
+    L.close()
+
+
 def _corrupt_copy(src, tmp_path, sample):
     dst = tmp_path / "ds"
     shutil.copytree(src, dst)

@@ -325,6 +325,9 @@ def test_test_set_that_a_model_cannot_score_is_refused_at_start(tmp_path: Path, 
             check_test_set(train, test, "cifar", "train", name)
     check_test_set(train, cases["sizes"][0], "imagenet", "train", "sizes")  # resized in eval
     check_test_set(train, ds("first", {"cat": 1, "dog": 1}), "cifar", "train", "first")
+    with pytest.raises(SystemExit) as e:
+        main(["--data", "x", "--augment", "foo"])
+    assert e.value.code == 2 and "invalid choice: 'foo'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:   # the command line says it in one line, before training
         main(["--data", str(tmp_path / "train" / "wds"), "--test-data", str(tmp_path / "fruit" / "wds"),
               "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "run")])

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--test-data", default=None, help="test dataset directory (evaluated on every sample)")
     d.add_argument("--backend", default="dali", choices=BACKENDS,
                    help="decode/augment backend (torch: DataLoader + torchvision fallback)")
-    d.add_argument("--augment", default="auto", help="augmentation: auto | cifar | imagenet | none")
+    d.add_argument("--augment", default="auto", choices=("auto", "cifar", "imagenet", "none"),
+                   help="augmentation preset (auto: cifar for RGB images up to 64 px, imagenet for larger, none for grey)")
     d.add_argument("--workers", type=int, default=None, help="loader workers (default: the loader's)")
     d.add_argument("--batch-size", type=int, default=128, help="per-rank batch size")
     d.add_argument("--eval-batch-size", type=int, default=512)

@@ -31,7 +31,9 @@ class CorruptReport:
     (at least one) stops it; None = never.
     """
 
-    def __init__(self, ds, raise_each: bool, max_fraction: float | None):
+    def __init__(self, ds, raise_each: bool, max_fraction: float | None, checked: bool = True):
+        # ``checked``: payload checksums compared (not for indexed shards, which have none)
+        self.cause = "checksum mismatch or undecodable" if checked else "undecodable"
         self.files: Sequence[str] = ds.files
         self.file_of = np.asarray(ds.file)
         self.offset, self.length = ds.offset, ds.length
@@ -43,11 +45,10 @@ class CorruptReport:
         return (f"corrupt sample {i} ({self.files[int(self.file_of[i])]} @ {int(self.offset[i])}, "
                 f"{int(self.length[i])} bytes)")
 
-    @staticmethod
-    def reason(i: int, why: dict[int, str] | None) -> str:
+    def reason(self, i: int, why: dict[int, str] | None) -> str:
         """Why sample ``i`` is corrupt: ``why``'s word for it (an undecodable field member),
         else the image's checksum or decode."""
-        return (why or {}).get(int(i), "checksum mismatch or undecodable")
+        return (why or {}).get(int(i), self.cause)
 
     def check_raise(self, bad_ids: np.ndarray, why: dict[int, str] | None = None) -> None:
         """With ``raise_each``: raise for the first of ``bad_ids``."""
