@@ -195,3 +195,25 @@ def test_stop_pool_kills_readers_when_the_pool_close_hangs():
     stuck = threading.Event()
     assert not stop_pool(stuck.wait, [], grace_s=0.2), "a close stuck for good is reported"
     stuck.set()
+
+
+@pytest.mark.parametrize("epoch", [False, True])
+def test_a_script_that_never_closes_its_loader_exits(cifar_wds, tmp_path, epoch):
+    """No close(), reader processes, and a weakref finalizer made before multiprocessing was
+    imported (some library at import time): weakref's exit hook then runs after
+    multiprocessing's, which joined DALI's waiting workers forever.  The script exits."""
+    script = tmp_path / "s.py"
+    script.write_text(
+        "import weakref; weakref.finalize(object, print)\n"
+        "import pipeline\n"
+        f"L = pipeline.Loader(pipeline.open_dataset({str(cifar_wds)!r}), 64, keep=1.0, "
+        "policy='full', backend='dali', device='cpu', augment='cifar', num_workers=2)\n"
+        + ("n = sum(len(b) for b in L.epoch(0))\nprint('read', n)\n" if epoch else "")
+        + "print('done', flush=True)\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    try:
+        r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                           timeout=120)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"the script did not exit: {e.stdout!r}") from e
+    assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]

@@ -19,6 +19,7 @@ pipeline is rebuilt; the epoch carries on from the first undelivered batch.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import os
 import warnings
@@ -287,13 +288,21 @@ class DaliBackend(Backend):
         self._epochs = 0       # DALI epochs (resets) of this pipeline: its epoch_idx
         self._built = False
         self._pipe = _build(cfg, self._prefix(), method, device_id)
-        # stops the workers even when close() is never called (a trainer that just exits);
-        # newer than DALI's own finalizer of the pool, so it runs first at exit
+        # stops the workers even when close() is never called (a script that just exits);
+        # newer than DALI's own finalizer of the pool, so it runs first at exit.  Also an
+        # atexit hook of its own: weakref's exit hook runs after multiprocessing's (which
+        # joins the workers, waiting forever on DALI's) wherever some finalizer was made
+        # before multiprocessing was imported; atexit runs the newest hook first
         self._closer = weakref.finalize(self, _shutdown, self._pipe)
+        atexit.register(self._closer)
+
+    def _close_pipeline(self) -> None:
+        atexit.unregister(self._closer)
+        self._closer()
 
     def _replace_pipeline(self) -> None:
         self._pipe = None
-        self._closer()
+        self._close_pipeline()
         self._new_pipeline()
 
     def start(self, ids: np.ndarray, header: TableHeader) -> Iterator[RawBatch]:
@@ -379,4 +388,4 @@ class DaliBackend(Backend):
     def close(self) -> None:
         self.abandon()
         self._pipe = None
-        self._closer()
+        self._close_pipeline()
