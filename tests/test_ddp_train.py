@@ -64,6 +64,8 @@ def test_ddp_ranks_disjoint_and_plans_match(full_run: Path) -> None:
     # the training loss falls by 32-40% in every such run
     assert recs[-1]["train_loss"] < 0.8 * recs[0]["train_loss"]
     assert recs[-1]["test_acc"] > 0.12  # chance: 0.10
+    # rank 0 scores the whole test set, not the half torchrun's environment would give it
+    assert json.loads((full_run / "summary.json").read_text())["test_n"] == 1000
     r0, r1 = _ids(full_run, 0), _ids(full_run, 1)
     for e in range(EPOCHS):
         a = [i for step in r0[e] for i in step if i >= 0]

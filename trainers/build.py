@@ -70,7 +70,10 @@ def make_loader(ds: Any, args: argparse.Namespace, world_size: int, rank: int, d
     if args.workers is not None:
         kw["num_workers"] = args.workers
     if not train:  # the same preset in eval mode: same normalisation, no random augmentation
-        return pipeline.Loader.for_eval(ds, batch_size=args.eval_batch_size, augment=aug, **kw)
+        # the ranks given (the trainer: 1, 0 on rank 0), not torchrun's from the environment,
+        # which would score half the test set under two processes
+        return pipeline.Loader.for_eval(ds, batch_size=args.eval_batch_size, augment=aug, **kw,
+                                        options=pipeline.LoaderOptions.of(world_size=world_size, rank=rank))
     mixup = args.mixup if args.mixup is not None else args.policy.startswith("swdpp")
     options = pipeline.LoaderOptions.of(world_size=world_size, rank=rank,
                                         policy_kwargs=json.loads(args.policy_kwargs))
