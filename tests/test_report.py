@@ -96,3 +96,22 @@ def test_compare_policy_specs_and_labels(tmp_path: Path, capsys) -> None:
                          "--runs", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "swdpp-floor_0.3-k0.7-s4" in out and '--policy-kwargs {"floor": 0.3}' in out
+
+
+def test_compare_takes_paths_relative_to_where_it_runs(fmnist_wds, tmp_path: Path, monkeypatch) -> None:
+    """A user in their own folder gives relative paths: the runs land there, trained on the
+    data named there (the trainer ran in the checkout, where neither path meant anything)."""
+    import os
+
+    from tools import compare
+    monkeypatch.chdir(tmp_path)
+    data = os.path.relpath(fmnist_wds, tmp_path)
+    assert compare.main(["--data", data, "--policies", "full", "--seeds", "0", "--epochs", "1",
+                         "--runs", "mine", "--", "--backend", "torch", "--device", "cpu",
+                         "--workers", "0", "--threads", "1", "--width", "8"]) == 0
+    summary = json.loads((tmp_path / "mine" / "full-k1-s0" / "summary.json").read_text())
+    assert summary["epochs"] == 1 and not summary["stopped"] and summary["policy"] == "full"
+    cfg = json.loads((tmp_path / "mine" / "full-k1-s0" / "config.json").read_text())
+    assert Path(cfg["data"]).resolve() == Path(fmnist_wds).resolve(), cfg["data"]
+    assert (tmp_path / "mine" / "report").is_dir()
+    assert not (compare.ROOT / "mine").exists()

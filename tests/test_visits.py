@@ -43,3 +43,15 @@ def test_bad_logs_are_named(tmp_path: Path, capsys) -> None:
     (run / "ids-rank0.jsonl").write_text('{"epoch": 0, "ids": [1]}\nnot json\n')
     with pytest.raises(ValueError, match=r"ids-rank0.jsonl:2: not an ids record"):
         visits.load(run, samples=3)
+
+
+def test_a_run_killed_before_its_first_epoch_ended(tmp_path: Path) -> None:
+    """Steps logged, metrics.jsonl still empty: the dataset size comes from config.json
+    (not from the largest id seen, which undercounts the samples never read)."""
+    run = tmp_path / "run"
+    _log(run, 0, [[[0, 3], [5, -1]]])
+    (run / "metrics.jsonl").write_text("")
+    assert visits.load(run).taken.shape == (1, 6)          # largest id + 1: all it knows
+    (run / "config.json").write_text(json.dumps({"dataset_size": 10}))
+    v = visits.load(run)
+    assert v.taken.shape == (1, 10) and v.visits.tolist() == [1, 0, 0, 1, 0, 1, 0, 0, 0, 0]

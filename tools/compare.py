@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -102,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.dry_run:
             continue
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=ROOT)
+        # run where the user runs us, so relative paths mean what they meant here; the
+        # trainer is found through PYTHONPATH
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+        rc = subprocess.call(cmd, env=env)
         print(f"[compare] {d.name}: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
         if rc != 0:
             print(f"[compare] {d.name} failed; continuing", file=sys.stderr, flush=True)

@@ -57,8 +57,12 @@ def load(run_dir: Path, samples: int | None = None) -> Visits:
                 raise ValueError(f"{path}:{n}: not an ids record ({e})") from None
     if samples is None:
         cfg = run_dir / "metrics.jsonl"
-        first = json.loads(cfg.read_text().splitlines()[0]) if cfg.exists() else {}
-        samples = first.get("full_samples") or 1 + max(int(a.max(initial=-1)) for v in epochs.values() for a in v)
+        lines = cfg.read_text().splitlines() if cfg.exists() else []
+        first = json.loads(lines[0]) if lines else {}   # none: killed before its first epoch
+        conf = run_dir / "config.json"
+        size = json.loads(conf.read_text()).get("dataset_size") if conf.exists() else None
+        samples = (first.get("full_samples") or size
+                   or 1 + max(int(a.max(initial=-1)) for v in epochs.values() for a in v))
     taken = np.zeros((max(epochs) + 1, int(samples)), bool)
     for e, parts in epochs.items():
         ids = np.concatenate(parts)
