@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -225,12 +226,33 @@ def stopped_run(fmnist_tiny, tmp_path_factory) -> Path:
     (["--policy", "swdpp"], "--policy 'uniform' -> 'swdpp'"),
     (["--seed", "3"], "--seed 0 -> 3"),
     (["--epochs", "3"], "--epochs 2 -> 3"),
+    (["--width", "8"], "--width 4 -> 8"),                 # the weights would not load
+    (["--optimizer", "adamw"], "--optimizer 'sgd' -> 'adamw'"),
+    (["--lr", "0.2"], "--lr 0.05 -> 0.2"),                # ignored before (the schedule's own)
 ])
 def test_resume_with_changed_plan_options_is_refused(fmnist_tiny, stopped_run, change, said):
     # the same command with --resume and one option changed (argparse keeps the last value)
     with pytest.raises(SystemExit, match="--resume: .*config.json was written with other options") as e:
         _train(fmnist_tiny, stopped_run, "--resume", *change)
     assert said in str(e.value)
+
+
+def test_resume_on_another_dataset_or_a_damaged_checkpoint_is_refused(fmnist_tiny, fmnist_dir,
+                                                                     stopped_run, tmp_path):
+    other = tmp_path / "other"        # the same source and size, shuffled with another seed
+    convert(fmnist_dir, other, limit=256, samples_per_shard=128, seed=1, progress=False)
+    with pytest.raises(SystemExit, match=r"--data .* -> .*other.* \(another dataset"):
+        _train(other, stopped_run, "--resume")
+    moved = tmp_path / "moved"        # the same dataset elsewhere resumes
+    shutil.copytree(fmnist_tiny, moved)
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    for damage in (b"", b"\x00garbage" * 50):
+        (run / "ckpt" / "last.pt").write_bytes(damage)
+        with pytest.raises(SystemExit, match=r"last.pt is not a readable checkpoint of this trainer"):
+            _train(moved, run, "--resume")
+    shutil.copy(stopped_run / "ckpt" / "last.pt", run / "ckpt" / "last.pt")
+    assert not _train(moved, run, "--resume")["stopped"]
 
 
 def test_resume_with_the_same_options_is_accepted(fmnist_tiny, tmp_path):

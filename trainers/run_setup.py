@@ -99,6 +99,15 @@ def start_run(args: argparse.Namespace) -> Run:
     return run
 
 
+def dataset_id(ds: Any) -> str:
+    """A digest of the samples' labels and sizes, in order: the same dataset wherever it
+    lies (a moved copy resumes), another one (a reshuffled conversion too) differs."""
+    import hashlib
+    h = hashlib.sha256(np.asarray(ds.labels, np.int64).tobytes())
+    h.update(np.asarray(ds.length, np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
 def write_config(run: Run, args: argparse.Namespace, ds: Any, raw_model: nn.Module, lr: float,
                  steps: list[int]) -> dict:
     """The run's options, dataset, model and machine; written to config.json by rank 0."""
@@ -108,7 +117,7 @@ def write_config(run: Run, args: argparse.Namespace, ds: Any, raw_model: nn.Modu
                   python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
                   torch_threads=torch.get_num_threads(),
                   gpu=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else None,
-                  data_name=Path(args.data.rstrip("/")).name)
+                  data_name=Path(args.data.rstrip("/")).name, dataset_id=dataset_id(ds))
     if run.is_main:
         (run.out / "config.json").write_text(json.dumps(config, indent=1, default=str))
     return config
@@ -124,9 +133,14 @@ def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, s
         if run.is_main:
             print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
         return Progress()
-    check_resume_config(run, args)
-    ck = checkpoint.load(last)
-    old_w = int(ck["world_size"])
+    check_resume_config(run, args, loader.ds)
+    try:
+        ck = checkpoint.load(last)
+        old_w = int(ck["world_size"])
+    except Exception as e:  # noqa: BLE001 - empty, cut, foreign or garbage: all unusable
+        raise SystemExit(f"--resume: {last} is not a readable checkpoint of this trainer "
+                         f"({type(e).__name__}: {e}); move it away to start afresh, or resume "
+                         "from a copy") from None
     raw_model.load_state_dict(ck["model"])
     if old_w == run.world_size:
         opt.load_state_dict(ck["optimizer"])
@@ -152,13 +166,16 @@ def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, s
     return p
 
 
-# Options that shape the plan of every epoch: a resumed run must keep them.
-RESUME_FIXED = ("policy", "keep", "policy_kwargs", "seed", "epochs", "batch_size")
+# Options that shape the plan of every epoch, the model or its optimizer: a resumed run
+# must keep them (the checkpoint's scores, position, weights and optimizer state are theirs)
+RESUME_FIXED = ("policy", "keep", "policy_kwargs", "seed", "epochs", "batch_size", "mixup",
+                "model", "width", "optimizer", "momentum", "weight_decay", "label_smoothing",
+                "scale_decay", "warmup_epochs", "schedule")
 
 
-def check_resume_config(run: Run, args: argparse.Namespace) -> None:
-    """Refuse ``--resume`` with options that change the plan (the run's config.json holds
-    the old values): the checkpoint's scores, position and LR schedule belong to those."""
+def check_resume_config(run: Run, args: argparse.Namespace, ds: Any = None) -> None:
+    """Refuse ``--resume`` with options that change the plan, the model or the optimizer, or
+    with another dataset (the run's config.json holds the old values)."""
     path = run.out / "config.json"
     if not path.exists():
         return
@@ -166,6 +183,11 @@ def check_resume_config(run: Run, args: argparse.Namespace) -> None:
     norm = lambda k, v: json.loads(v) if k == "policy_kwargs" and isinstance(v, str) else v  # noqa: E731
     changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
                if k in old and norm(k, old[k]) != norm(k, getattr(args, k))]
+    if args.lr is not None and "lr" in old and float(old["lr"]) != float(args.lr):  # given again
+        changed.append(f"--lr {old['lr']!r} -> {args.lr!r}")
+    if ds is not None and old.get("dataset_id") not in (None, dataset_id(ds)):
+        changed.append(f"--data {old.get('data')!r} -> {args.data!r} (another dataset: its "
+                       "samples' labels or sizes differ)")
     if changed:
         raise SystemExit(f"--resume: {path} was written with other options ({'; '.join(changed)}); the "
                          "checkpoint's plan, scores and schedule depend on them: resume with the old "
