@@ -11,10 +11,11 @@ from tools import report
 from trainers.metrics import MetricsWriter, loss_histogram, read_jsonl
 
 
-def _fake_run(d: Path, policy: str, keep: float, seed: int, acc: float, epochs: int = 3, n: int = 1000) -> Path:
+def _fake_run(d: Path, policy: str, keep: float, seed: int, acc: float, epochs: int = 3, n: int = 1000,
+              data: str = "/x/toy") -> Path:
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"policy": policy, "keep": keep, "seed": seed, "epochs": epochs,
-                                               "data_name": "toy", "data": "/x/toy"}))
+                                               "data_name": Path(data).name, "data": data}))
     w = MetricsWriter(d / "metrics.jsonl")
     k = n if policy == "full" else int(keep * n)
     wall = 0.0
@@ -115,3 +116,19 @@ def test_compare_takes_paths_relative_to_where_it_runs(fmnist_wds, tmp_path: Pat
     assert Path(cfg["data"]).resolve() == Path(fmnist_wds).resolve(), cfg["data"]
     assert (tmp_path / "mine" / "report").is_dir()
     assert not (compare.ROOT / "mine").exists()
+
+
+def test_datasets_whose_folders_share_a_name_stay_apart(tmp_path: Path, capsys) -> None:
+    """CIFAR in /d/cifar/train and Fashion-MNIST in /d/fmnist/train: two datasets, each
+    compared with its own full-data run; a path that is not there is said, not dropped."""
+    _fake_run(tmp_path / "c-full", "full", 1.0, 0, 0.80, data="/d/cifar/train")
+    _fake_run(tmp_path / "f-full", "full", 1.0, 0, 0.90, data="/d/fmnist/train")
+    _fake_run(tmp_path / "f-swdpp", "swdpp", 0.7, 0, 0.89, data="/d/fmnist/train/")
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text("")
+    res = report.write_report([str(tmp_path), str(tmp_path / "nowhere")], quiet=True)
+    rows = {(r["dataset"], r["policy"]): r for r in res["rows"]}
+    assert set(rows) == {("cifar/train", "full"), ("fmnist/train", "full"), ("fmnist/train", "swdpp")}
+    assert rows[("fmnist/train", "swdpp")]["acc_delta"] == pytest.approx(-1.0, abs=1e-6)
+    err = capsys.readouterr().err
+    assert "nowhere: no such file or directory" in err and "early: no finished epoch yet" in err

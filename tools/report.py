@@ -62,6 +62,7 @@ def load_run(run: Path) -> dict[str, Any] | None:
 
     return {
         "run": str(run), "dataset": cfg.get("data_name", Path(str(cfg.get("data", "?"))).name),
+        "data": str(cfg.get("data", "?")),
         "policy": policy, "keep": keep, "seed": cfg.get("seed", last.get("seed")),
         "epochs_done": len(recs), "epochs": cfg.get("epochs", len(recs)),
         "complete": (run / "summary.json").exists(), "records": recs,
@@ -73,6 +74,24 @@ def load_run(run: Path) -> dict[str, Any] | None:
         "full_samples_epoch": last.get("full_samples"), "full_bytes_epoch": last.get("full_bytes"),
         "unseen_max": max((r["unseen_max"] for r in recs if r.get("unseen_max") is not None), default=None),
     }
+
+
+def name_datasets(runs: list[dict]) -> None:
+    """Runs of different datasets whose folders share a name (``a/train``, ``b/train``) get
+    as many trailing path parts as tell them apart, so their rows never merge."""
+    by_name: dict[str, set[str]] = defaultdict(set)
+    for r in runs:
+        by_name[r["dataset"]].add(r["data"].rstrip("/"))
+    for name, paths in by_name.items():
+        if len(paths) < 2:
+            continue
+        parts = {p: p.split("/") for p in paths}
+        k = 2
+        while len({"/".join(v[-k:]) for v in parts.values()}) < len(paths) and k < max(map(len, parts.values())):
+            k += 1
+        for r in runs:
+            if r["dataset"] == name:
+                r["dataset"] = "/".join(parts[r["data"].rstrip("/")][-k:])
 
 
 def policy_label(policy: str, kwargs: Any) -> str:
@@ -268,10 +287,20 @@ def _save(fig, path: Path) -> Path:
 
 def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: bool = False) -> dict:
     """Build the report for ``paths``; return {"rows", "runs", "table", "files"}."""
+    for p in paths:
+        if not Path(p).exists():
+            print(f"[report] {p}: no such file or directory, left out", file=sys.stderr)
     run_dirs = find_runs(paths)
-    runs = [r for r in (load_run(p) for p in run_dirs) if r is not None]
+    runs = []
+    for p in run_dirs:
+        r = load_run(p)
+        if r is None:
+            print(f"[report] {p}: no finished epoch yet, left out", file=sys.stderr)
+        else:
+            runs.append(r)
     if not runs:
         raise SystemExit(f"no runs with metrics.jsonl under {list(paths)}")
+    name_datasets(runs)
     if out:
         outp = Path(out)
     elif len(paths) == 1 and not (Path(paths[0]) / "metrics.jsonl").exists():
