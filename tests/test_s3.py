@@ -342,3 +342,11 @@ def test_index_shards_in_s3(s3, s3_cifar, cifar_wds, repo_root, tmp_path):
     assert got == want
     assert ds.read(7) == local.read(int(np.flatnonzero((local.file == ds.file[7])
                                                        & (local.offset == ds.offset[7]))[0]))
+    # a prefix (with or without "/") or a glob lists the shards in the bucket, as a local
+    # directory or glob does (the manifest and index objects beside them are not shards)
+    from pipeline.formats.index import IndexError_, expand_shards
+    shards = [f"{URL}/shard-{i:06d}.tar" for i in range(4)]
+    for spec in (s3_cifar, s3_cifar + "/", f"{s3_cifar}/shard-*.tar"):
+        assert expand_shards(spec, s3.storage_options) == shards, spec
+    with pytest.raises(IndexError_, match="no shards match 's3://data/nothing-here/"):
+        expand_shards("s3://data/nothing-here/", s3.storage_options)

@@ -35,7 +35,7 @@ from typing import Callable
 
 import numpy as np
 
-from .storage import is_url
+from .storage import filesystem, is_url
 from .tarscan import ShardReader, TarError, scan_shard, split_key
 
 __all__ = ["IndexError_", "expand_shards", "split_key", "check_fields", "index"]
@@ -52,9 +52,22 @@ class IndexError_(ValueError):
     """A shard or sample that cannot be indexed (the message names the shard and member)."""
 
 
-def expand_shards(spec: str) -> list[str]:
+def expand_shards(spec: str, storage_options: dict | None = None) -> list[str]:
     """A directory (its ``*.tar``), a glob, a brace pattern (``shard-{000..127}.tar``), a
-    text file listing one shard per line, or URLs of the same; sorted where listed."""
+    text file listing one shard per line, or URLs of the same (a URL "directory": a prefix
+    of an object store, or any URL ending in "/"); sorted where listed."""
+    if is_url(spec) and "{" not in spec:
+        pattern = spec if any(c in spec for c in "*?[") else None
+        if pattern is None and not spec.endswith(".tar"):
+            fs, path = filesystem(spec, **(storage_options or {}))
+            if spec.endswith("/") or fs.isdir(path):
+                pattern = spec.rstrip("/") + "/*.tar"
+        if pattern is not None:
+            fs, path = filesystem(pattern, **(storage_options or {}))
+            found = sorted(fs.unstrip_protocol(p) if "://" not in p else p for p in fs.glob(path))
+            if not found:
+                raise IndexError_(f"no shards match {pattern!r}")
+            return found
     if not is_url(spec) and os.path.isdir(spec):
         return sorted(glob.glob(os.path.join(spec, "*.tar")))
     if not is_url(spec) and os.path.isfile(spec) and not spec.endswith(".tar"):
@@ -308,7 +321,7 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
     from .manifest import field_column, write_manifest
 
     fields = check_fields(fields)
-    paths = expand_shards(shards) if isinstance(shards, str) else list(shards)
+    paths = expand_shards(shards, storage_options) if isinstance(shards, str) else list(shards)
     if not paths:
         raise IndexError_(f"no shards match {shards!r}")
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
