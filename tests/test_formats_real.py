@@ -44,7 +44,8 @@ def test_cifar_wds_subset_bytes_labels(cifar_wds, cifar_jpeg_root):
     for i, want in enumerate(_source_bytes(src.paths, ds.keys)):
         assert ds.read(i) == want, f"sample {i} differs from {src.paths[ds.keys[i]]}"
     ds.check_files(verify_checksum=True)
-    assert verify(cifar_wds)["num_samples"] == 2000
+    rep = verify(cifar_wds)
+    assert rep["num_samples"] == 2000 and rep["checks"] == ["sizes", "sha256", "per-sample CRC32", "locations"]
 
 
 def test_cifar_train_full_wds_two_workers(cifar_jpeg_root, tmp_path):

@@ -64,5 +64,7 @@ def verify(out: str | os.PathLike, *, progress: bool = False,
     bar.close()
     if checked != n:
         raise VerifyError(f"{out}: checked {checked} samples, manifest has {n}")
+    checks = ["sizes"] + (["sha256"] if any(e.sha256 for e in ds.file_entries) else []) + (
+        ["per-sample CRC32"] if ds.has_checksums else []) + ["locations"]
     return {"out": str(ds.root), "format": ds.format, "num_samples": n, "num_files": len(ds.files),
-            "samples_per_file": counts.tolist(), "ok": True}
+            "samples_per_file": counts.tolist(), "ok": True, "checks": checks}
