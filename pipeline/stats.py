@@ -185,8 +185,9 @@ class EpochStats:
         return d
 
     def __str__(self) -> str:
-        return (f"epoch {self.epoch} rank {self.rank}: {self.samples_delivered} samples "
-                f"({self.samples_fraction:.1%} of full), read {self.bytes_read / 1e6:.2f} MB "
+        return (f"epoch {self.epoch} rank {self.rank}: {self.samples_delivered} samples delivered, "
+                f"{self.samples_read} read ({self.samples_fraction:.1%} of full; padding rows "
+                f"re-read planned samples), {self.bytes_read / 1e6:.2f} MB "
                 f"({self.bytes_fraction:.1%} of full payload) in {self.requests} requests, "
                 f"{self.samples_corrupt} corrupt skipped; read {self.read_s:.2f}s, "
                 f"decode {self.decode_s:.2f}s, wait {self.wait_s:.2f}s, "
