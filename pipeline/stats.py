@@ -187,7 +187,7 @@ class EpochStats:
     def __str__(self) -> str:
         return (f"epoch {self.epoch} rank {self.rank}: {self.samples_delivered} samples delivered, "
                 f"{self.samples_read} read ({self.samples_fraction:.1%} of full; padding rows "
-                f"re-read planned samples), {self.bytes_read / 1e6:.2f} MB "
+                f"re-read planned samples), {self.bytes_read / 1e6:.2f} MB read "
                 f"({self.bytes_fraction:.1%} of full payload) in {self.requests} requests, "
                 f"{self.samples_corrupt} corrupt skipped; read {self.read_s:.2f}s, "
                 f"decode {self.decode_s:.2f}s, wait {self.wait_s:.2f}s, "
