@@ -251,6 +251,16 @@ def test_wrong_credentials(s3, s3_cifar):
     assert time.monotonic() - t0 < 30
 
 
+def test_no_credentials_at_all(s3, s3_cifar, monkeypatch, tmp_path):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(PermissionError, match="no credentials for the object store: set AWS_ACCESS_KEY_ID"):
+        pipeline.open_dataset(s3_cifar, storage_options={"endpoint_url": s3.endpoint})
+
+
 def test_missing_object_and_dataset(s3, s3_cifar):
     fs = s3.fs()
     fs.copy(s3_cifar.removeprefix("s3://"), "data/gap", recursive=True)

@@ -128,6 +128,10 @@ def read_url(url: str, storage_options: dict | None = None) -> bytes:
     except PermissionError as e:
         raise PermissionError(access_denied(url, e)) from e
     except Exception as e:  # refused, reset, or FSTimeoutError (a TimeoutError): no answer
+        if type(e).__name__ == "NoCredentialsError":   # botocore's, without importing it
+            raise PermissionError(f"{url}: no credentials for the object store: set "
+                                  "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or pass "
+                                  "storage_options={'key': ..., 'secret': ...}") from e
         fail = connection_failure(e)
         if fail is None:
             raise
