@@ -225,3 +225,13 @@ def test_remote_walk_reads_headers_only_in_every_tar_dialect(jpegs, tmp_path):
             assert sent <= 40 * per_sample + 4096, (tar.name, sent)
     finally:
         server.stop()
+
+
+def test_http_urls_that_are_no_patterns_stay_as_given():
+    """Over HTTP "?" starts a query (presigned URLs) and "[" an IPv6 host: neither is a
+    glob, and a URL without ".tar" is not probed as a directory (that would GET a shard)."""
+    from pipeline.formats.index import expand_shards
+    for url in ("https://h/x/shard-000001.tar?X-Amz-Signature=abc&X-Amz-Date=1",
+                "http://[::1]:8080/a/shard.tar", "https://h/no-extension"):
+        assert expand_shards(url) == [url]
+    assert expand_shards("https://h/s-{0..2}.tar?sig=1") == [f"https://h/s-{i}.tar?sig=1" for i in range(3)]

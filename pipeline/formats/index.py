@@ -57,11 +57,18 @@ def expand_shards(spec: str, storage_options: dict | None = None) -> list[str]:
     text file listing one shard per line, or URLs of the same (a URL "directory": a prefix
     of an object store, or any URL ending in "/"); sorted where listed."""
     if is_url(spec) and "{" not in spec:
-        pattern = spec if any(c in spec for c in "*?[") else None
-        if pattern is None and not spec.endswith(".tar"):
+        http = spec.startswith(("http://", "https://"))
+        # over HTTP "?" starts a query (a presigned URL) and "[" an IPv6 host: only "*" globs
+        wild = "*" in spec.split("?", 1)[0] if http else any(c in spec for c in "*?[")
+        pattern = spec if wild else None
+        if pattern is None and spec.endswith("/"):
+            pattern = spec + "*.tar"
+        elif pattern is None and not spec.endswith(".tar") and not http:
+            # an object store answers "is this a prefix" with a listing; over HTTP that
+            # question would GET the URL (a whole shard), so only a final "/" says it there
             fs, path = filesystem(spec, **(storage_options or {}))
-            if spec.endswith("/") or fs.isdir(path):
-                pattern = spec.rstrip("/") + "/*.tar"
+            if fs.isdir(path):
+                pattern = spec + "/*.tar"
         if pattern is not None:
             fs, path = filesystem(pattern, **(storage_options or {}))
             found = sorted(fs.unstrip_protocol(p) if "://" not in p else p for p in fs.glob(path))
