@@ -6,6 +6,7 @@
 # `gpu` on real data, and print the GPU benchmark table (benchmarks/bench_gpu.py).
 #   bash benchmarks/gpu_check.sh            # everything, bounded by LIMIT seconds (default 480)
 #   TESTS=0 ROWS="loader dali_reader" bash benchmarks/gpu_check.sh   # only those benchmark rows
+#   bash benchmarks/gpu_check.sh install    # only install the carried wheels into .gpu-site
 #   bash benchmarks/gpu_check.sh photos     # only build the photo shards (from bundle b1:
 #                                           # the data archive and the small wheels), e.g. in
 #                                           # the background while the other bundles travel
@@ -54,21 +55,25 @@ if [ "${1:-}" = photos ]; then
     exit 0
 fi
 
+install_all() {  # the carried wheels -> $SITE
+    if [ -d "$W" ]; then
+        # rejoin split wheels: the parts may have come in different bundles
+        for first in $(ls "$W"/b*/*.whl.part-00 2>/dev/null); do
+            name=$(basename "${first%.part-00}")
+            cat $(ls "$W"/b*/"$name".part-* | awk -F'.part-' '{print $NF, $0}' | sort -n | cut -d' ' -f2-) > "$W/$name"
+        done
+        mkdir -p "$W/all" && for f in "$W"/b*/*.whl "$W"/*.whl; do ln -sf "$PWD/$f" "$W/all/"; done
+        ( cd "$W/all" && sha256sum -c --quiet <(grep '\.whl$' ../SHA256SUMS) ) || { echo "gpu-check: a wheel does not match SHA256SUMS"; return 1; }
+        install_wheels "$SITE" "$W"/all/*.whl || return 1
+    else
+        echo "gpu-check: no $W (run scripts/gpu-wheels.sh where PyPI is reachable); using what is installed"
+    fi
+}
+install_all || exit 1
+[ "${1:-}" = install ] && exit 0  # only the wheels (scripts/gpu_sweep.sh)
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 "$PY" -c 'import torch, sys; print("torch", torch.__version__, "cuda", torch.version.cuda); sys.exit(0 if torch.cuda.is_available() else "gpu-check: torch sees no CUDA GPU")' || exit 1
 
-if [ -d "$W" ]; then
-    # rejoin split wheels: the parts may have come in different bundles
-    for first in $(ls "$W"/b*/*.whl.part-00 2>/dev/null); do
-        name=$(basename "${first%.part-00}")
-        cat $(ls "$W"/b*/"$name".part-* | awk -F'.part-' '{print $NF, $0}' | sort -n | cut -d' ' -f2-) > "$W/$name"
-    done
-    mkdir -p "$W/all" && for f in "$W"/b*/*.whl "$W"/*.whl; do ln -sf "$PWD/$f" "$W/all/"; done
-    ( cd "$W/all" && sha256sum -c --quiet <(grep '\.whl$' ../SHA256SUMS) ) || { echo "gpu-check: a wheel does not match SHA256SUMS"; exit 1; }
-    install_wheels "$SITE" "$W"/all/*.whl || exit 1
-else
-    echo "gpu-check: no $W (run scripts/gpu-wheels.sh where PyPI is reachable); using what is installed"
-fi
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import nvidia.dali as d; print("DALI", d.__version__)' || echo "gpu-check: DALI missing: its rows and tests will fail"
 

@@ -132,3 +132,22 @@ def test_datasets_whose_folders_share_a_name_stay_apart(tmp_path: Path, capsys) 
     assert rows[("fmnist/train", "swdpp")]["acc_delta"] == pytest.approx(-1.0, abs=1e-6)
     err = capsys.readouterr().err
     assert "nowhere: no such file or directory" in err and "early: no finished epoch yet" in err
+
+
+def test_compare_runs_several_trainings_at_a_time(fmnist_wds, tmp_path: Path, capsys) -> None:
+    """--jobs 2: both runs finish, each with its own log, and they are the runs one at a
+    time would have made (same seed and policy -> the same samples read, same loss)."""
+    from tools import compare
+    common = ["--data", str(fmnist_wds), "--policies", "full", "rs2", "--seeds", "0", "--epochs", "1"]
+    trainer = ["--", "--backend", "torch", "--device", "cpu", "--workers", "0", "--threads", "1", "--width", "8"]
+    assert compare.main(common + ["--runs", str(tmp_path / "par"), "--jobs", "2"] + trainer) == 0
+    assert compare.main(common + ["--runs", str(tmp_path / "seq")] + trainer) == 0
+    for name in ("full-k1-s0", "rs2-k0.7-s0"):
+        par = [json.loads(x) for x in (tmp_path / "par" / name / "metrics.jsonl").read_text().splitlines()]
+        seq = [json.loads(x) for x in (tmp_path / "seq" / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["samples_read"] for r in par] == [r["samples_read"] for r in seq]
+        assert par[-1]["train_loss"] == pytest.approx(seq[-1]["train_loss"], rel=1e-5)
+        assert "epoch 0" in (tmp_path / "par" / name / "train.log").read_text()
+    assert "rs2-k0.7-s0: exit 0" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--jobs 0"):
+        compare.main(common + ["--runs", str(tmp_path / "x"), "--jobs", "0"])

@@ -8,7 +8,8 @@ A policy is a registered name or ``NAME:JSON`` (options for the policy, e.g.
 report. Seeds are paired: the same seed gives the same initial weights and the same
 augmentation stream under every policy, so the report's paired differences compare like
 with like. Each run is ``python -m trainers.classify`` in its own process (sequentially, so
-wall times are comparable), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
+wall times are comparable; ``--jobs N`` runs N at a time, e.g. small models sharing one GPU,
+each then writing its output to ``RUN/train.log``), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
 ``summary.json``) are skipped, interrupted ones are resumed, so the command can be re-run
 after a kill. Arguments after ``--`` go to every training run. Runs are interleaved by seed
 (all policies of seed 0, then seed 1, ...) so a partial sweep still compares policies.
@@ -74,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--runs", default="runs/compare", help="folder for the run directories and the report")
     p.add_argument("--python", default=sys.executable, help="interpreter for the training runs")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="trainings at a time (wall times are then not comparable across runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     a = p.parse_args(argv)
 
@@ -85,6 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for policy, kw in specs:
             for keep in ([1.0] if policy == "full" else a.keep):
                 jobs.append((policy, kw, keep, seed))
+    if a.jobs < 1:
+        raise SystemExit(f"--jobs {a.jobs}: must be at least 1")
+    # run where the user runs us, so relative paths mean what they meant here; the
+    # trainer is found through PYTHONPATH
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+    running: list[tuple[subprocess.Popen, Path, float]] = []
+
+    def wait_one() -> None:
+        while True:
+            for k, (proc, d, t0) in enumerate(running):
+                rc = proc.poll()
+                if rc is not None:
+                    del running[k]
+                    _finished(d, rc, t0)
+                    return
+            time.sleep(0.5)
+
     for n, (policy, kw, keep, seed) in enumerate(jobs, 1):
         d = run_dir(runs, policy_tag(policy, kw), keep, seed)
         if (d / "summary.json").exists():
@@ -103,18 +123,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if a.dry_run:
             continue
         t0 = time.perf_counter()
-        # run where the user runs us, so relative paths mean what they meant here; the
-        # trainer is found through PYTHONPATH
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
-        rc = subprocess.call(cmd, env=env)
-        print(f"[compare] {d.name}: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
-        if rc != 0:
-            print(f"[compare] {d.name} failed; continuing", file=sys.stderr, flush=True)
+        if a.jobs == 1:
+            _finished(d, subprocess.call(cmd, env=env), t0)
+            continue
+        while len(running) >= a.jobs:
+            wait_one()
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "train.log", "ab") as log:  # the child keeps its own handle
+            running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), d, t0))
+    while running:
+        wait_one()
     if not a.dry_run:
         from tools.report import write_report
 
         write_report([str(runs)], runs / "report")
     return 0
+
+
+def _finished(d: Path, rc: int, t0: float) -> None:
+    print(f"[compare] {d.name}: exit {rc} in {time.perf_counter() - t0:.0f}s", flush=True)
+    if rc != 0:
+        print(f"[compare] {d.name} failed; continuing", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
