@@ -151,3 +151,17 @@ def test_compare_runs_several_trainings_at_a_time(fmnist_wds, tmp_path: Path, ca
     assert "rs2-k0.7-s0: exit 0" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--jobs 0"):
         compare.main(common + ["--runs", str(tmp_path / "x"), "--jobs", "0"])
+
+
+def test_one_seed_reports_no_spread(tmp_path: Path) -> None:
+    """A sample std needs two seeds: one seed prints its mean alone (was "± 0.00", which
+    reads as a measured spread of zero)."""
+    _fake_run(tmp_path / "full-s0", "full", 1.0, 0, 0.90)
+    _fake_run(tmp_path / "swdpp-s0", "swdpp", 0.7, 0, 0.895)
+    _fake_run(tmp_path / "swdpp-s1", "swdpp", 0.7, 1, 0.905)
+    res = report.write_report([str(tmp_path)], quiet=True)
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert rows["full"]["acc_std"] is None and rows["swdpp"]["acc_std"] == pytest.approx(0.00707, abs=1e-4)
+    lines = {line.split(" | ")[1]: line for line in report.table(res["rows"]).splitlines()[2:]}
+    assert "| 90.00 | " in lines["full"] and "±" not in lines["full"]
+    assert "| 90.00 ± 0.71 | " in lines["swdpp"]

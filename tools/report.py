@@ -107,7 +107,15 @@ def _mean_std(xs: list[float]) -> tuple[float | None, float | None]:
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0)
+    # one seed has no spread to report (a sample std needs two): None, printed as just the mean
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
+
+
+def _pm(mean: float | None, std: float | None, spec: str, scale: float = 1.0) -> str:
+    """``mean ± std``, just ``mean`` without a spread (one seed), ``-`` without a value."""
+    if mean is None:
+        return "-"
+    return format(mean * scale, spec) + ("" if std is None else " ± " + format(std * scale, spec))
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
@@ -167,11 +175,11 @@ def table(rows: list[dict]) -> str:
             "longest unread (epochs) |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in rows:
-        acc = f"{r['acc_mean'] * 100:.2f} ± {r['acc_std'] * 100:.2f}" if r["acc_mean"] is not None else "-"
         lines.append(
             f"| {r['dataset']} | {r['policy']} | {r['keep']:g} | {r['seeds']} | {r['epochs']}{'' if r['complete'] else '*'} "
-            f"| {acc} | {_fmt(r['acc_delta'], '+.2f')} | {_fmt(r['wall_mean'], '.1f')} ± {_fmt(r['wall_std'], '.1f')} "
-            f"| {_fmt(r['time_ratio'], '.2f')}x | {_fmt(r['cpu_mean'], '.1f')} ± {_fmt(r['cpu_std'], '.1f')} "
+            f"| {_pm(r['acc_mean'], r['acc_std'], '.2f', 100)} | {_fmt(r['acc_delta'], '+.2f')} "
+            f"| {_pm(r['wall_mean'], r['wall_std'], '.1f')} "
+            f"| {_fmt(r['time_ratio'], '.2f')}x | {_pm(r['cpu_mean'], r['cpu_std'], '.1f')} "
             f"| {_fmt(r['cpu_ratio'], '.2f')}x | {_fmt(r['samples_read'], ',.0f')} | {_human(r['bytes_read'])} "
             f"| {_fmt(r['bytes_ratio'], '.2f')}x | {_fmt(r['requests'], ',.0f')} | {_fmt(r['unseen_max'], 'd')} |")
     return "\n".join(lines)
