@@ -33,6 +33,12 @@ def test_columns_dtypes_and_mmap(cifar_wds):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     with pytest.raises(ManifestError, match="no manifest.json"):
         open_dataset(tmp_path)
+    # a mistyped path is said to be absent, not "not a converted dataset"
+    with pytest.raises(ManifestError, match=f"{tmp_path / 'trian'}: no such directory"):
+        open_dataset(tmp_path / "trian")
+    (tmp_path / "shard.tar").write_bytes(b"x")
+    with pytest.raises(ManifestError, match="shard.tar: not a directory"):
+        open_dataset(tmp_path / "shard.tar")
 
 
 class _RangeHandler(http.server.SimpleHTTPRequestHandler):

@@ -203,6 +203,37 @@ def test_epoch_planner_steps_known_up_front_and_planning_is_pure():
     assert sum(schedule) * 32 * 2 <= 0.6 * n * 8
 
 
+@pytest.mark.parametrize("name, past_k", [("infobatch", 1024), ("swdpp", 717)])
+def test_planning_past_the_runs_epochs_warns_once(name, past_k):
+    """A Loader left at its default epochs=1, or a run trained longer than it said: a policy
+    that spreads its budget over the run then plans outside it (InfoBatch reads every
+    sample, silently losing the savings): said once, with what the epoch reads."""
+    import warnings
+
+    file, offset = manifest([64] * 16)
+    scores = Scores(file.size)
+    planner = EpochPlanner(get_policy(name, keep=0.7, epochs=3), scores, file, offset, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for epoch in range(3):
+            scores.sync(epoch)
+            planner.plan(epoch)
+    with pytest.warns(RuntimeWarning, match=rf"epoch 3 is past the 3 epoch\(s\) the policy '{name}' was "
+                                            rf"made for .* reads {past_k} of 1024 samples") as caught:
+        for epoch in (3, 4):
+            scores.sync(epoch)
+            planner.plan(epoch)
+    assert len([w for w in caught if "is past" in str(w.message)]) == 1
+    for other in ("rs2", "uniform", "full"):  # the run's length does not shape their plans
+        scores = Scores(file.size)
+        planner = EpochPlanner(get_policy(other, keep=0.7, epochs=1), scores, file, offset, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for epoch in range(3):
+                scores.sync(epoch)
+                planner.plan(epoch)
+
+
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch
     from pipeline.plan.planner import EpochPlanner

@@ -281,6 +281,9 @@ def test_missing_object_and_dataset(s3, s3_cifar):
     assert time.monotonic() - t0 < 30
     with pytest.raises(ManifestError, match="no manifest.json at s3://data/nothing-here"):
         pipeline.open_dataset("s3://data/nothing-here", storage_options=s3.storage_options)
+    # a mistyped bucket is named as such (was "no manifest.json", as if the data were gone)
+    with pytest.raises(ManifestError, match="s3://dtaa/cifar: the bucket 'dtaa' does not exist"):
+        pipeline.open_dataset("s3://dtaa/cifar", storage_options=s3.storage_options)
 
 
 def test_dead_endpoint_at_open(tmp_path):

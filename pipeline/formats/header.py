@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .registry import FORMATS
-from .storage import is_url, read_url
+from .storage import is_url, missing_bucket, read_url
 
 __all__ = ["MANIFEST_VERSION", "HEADER_NAME", "FIELD_NAME", "ManifestError", "FileEntry", "ManifestHeader",
            "header_path", "read_header"]
@@ -202,8 +202,16 @@ def read_header(path_or_url: str | os.PathLike,
         try:
             text = read_url(where, storage_options)  # bounded; an unreachable server: ConnectionError naming it
         except FileNotFoundError as e:
+            bucket = missing_bucket(root, storage_options)
+            if bucket is not None:
+                raise ManifestError(f"{root}: the bucket {bucket!r} does not exist (check the "
+                                    "name and the endpoint)") from e
             raise ManifestError(f"no {HEADER_NAME} at {where}: not a converted dataset (or "
                                 "the conversion did not finish)") from e
+    elif not os.path.isdir(root):
+        raise ManifestError(f"{root}: no such directory" if not os.path.exists(root) else
+                            f"{root}: not a directory (a converted dataset is a directory with "
+                            f"{HEADER_NAME})")
     elif not os.path.exists(where):
         raise ManifestError(f"no {HEADER_NAME} in {root}: not a converted dataset "
                             "(or the conversion did not finish)")

@@ -7,7 +7,7 @@ say, from botocore's own sources (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``,
 ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``)."""
 from __future__ import annotations
 
-__all__ = ["is_url", "is_http", "is_s3", "local_path", "METADATA_TIMEOUT", "fs_options",
+__all__ = ["is_url", "is_http", "is_s3", "local_path", "METADATA_TIMEOUT", "fs_options", "missing_bucket",
            "filesystem", "pin", "read_url", "connection_failure", "unreachable", "access_denied"]
 
 # seconds without a byte from the server before a metadata request fails: aiohttp's own
@@ -136,3 +136,17 @@ def read_url(url: str, storage_options: dict | None = None) -> bytes:
         if fail is None:
             raise
         raise ConnectionError(unreachable(url, fail)) from e
+
+
+def missing_bucket(url: str, storage_options: dict | None = None) -> str | None:
+    """The bucket of an ``s3://`` URL when the store says it does not exist; None for other
+    URLs, an existing bucket, or a store that does not answer the question (the caller
+    then reports the object as missing, which is still true)."""
+    if not is_s3(url):
+        return None
+    bucket = url[len("s3://"):].split("/", 1)[0]
+    try:
+        fs, _ = filesystem(url, **fs_options(url, storage_options=storage_options))
+        return None if fs.exists(bucket) else bucket
+    except Exception:  # noqa: BLE001 - no answer is no answer
+        return None

@@ -18,6 +18,7 @@ RNGs are never touched.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -303,6 +304,7 @@ class EpochPlanner:
         self.seed, self.world_size, self.window, self.pad = int(seed), int(world_size), int(window), bool(pad)
         # cached: the manifest does not change between epochs
         self._order = byte_order(file, offset) if isinstance(order, str) else order
+        self._past_warned = False
 
     def policy_output(self, epoch: int) -> PolicyOutput:
         """The policy's output for `epoch` from the current (synced) scores."""
@@ -310,6 +312,15 @@ class EpochPlanner:
 
     def plan(self, epoch: int) -> Plan:
         """The plan of `epoch`; raises RuntimeError if the policy's K differs from the announced one."""
+        epochs = self.policy.epochs
+        if self.policy.uses_epochs and epochs is not None and epoch >= epochs and not self._past_warned:
+            self._past_warned = True
+            n = len(self.scores)
+            warnings.warn(f"epoch {epoch} is past the {epochs} epoch(s) the policy {self.policy.name!r} was "
+                          f"made for (epochs={epochs}): it spreads its budget and schedule over those, so "
+                          f"this epoch follows its last epoch's rule and reads "
+                          f"{self.policy.num_selected(n, epoch)} of {n} samples, outside the run's "
+                          f"budget; pass the run's length as epochs (Loader(..., epochs=N))", RuntimeWarning, stacklevel=3)
         out = self.policy_output(epoch)
         plan = make_plan(out, seed=self.seed, epoch=epoch, file=self.file, offset=self.offset,
                          world_size=self.world_size, window=self.window, pad=self.pad, order=self._order)

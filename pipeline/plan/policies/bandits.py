@@ -25,6 +25,7 @@ class UCBPolicy(_BanditPolicy):
     """Keep the K samples with the largest upper confidence bound ema + c*std."""
 
     name = "ucb"
+    uses_epochs = False
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, c: float = 1.0) -> None:
         super().__init__(keep, epochs)
@@ -44,6 +45,7 @@ class EpsGreedyPolicy(_BanditPolicy):
     """Keep the round((1-eps)K) highest-EMA-loss samples plus eps*K uniformly from the rest."""
 
     name = "eps_greedy"
+    uses_epochs = False
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None, *, eps: float = 0.1) -> None:
         super().__init__(keep, epochs)

@@ -123,6 +123,9 @@ class Policy:
     """Base class. Subclasses set `name` and implement `_select`."""
 
     name = "?"
+    # whether the run's length shapes the plans (schedules, budgets spread over the run);
+    # planning past `epochs` is then outside what the policy was made for (EpochPlanner warns)
+    uses_epochs = True
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None) -> None:
         if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):

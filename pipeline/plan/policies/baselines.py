@@ -17,6 +17,7 @@ class FullPolicy(Policy):
     """Every sample, every epoch (the baseline)."""
 
     name = "full"
+    uses_epochs = False
 
     def is_full_epoch(self, epoch: int) -> bool:
         """Always: this policy never prunes."""
@@ -27,6 +28,7 @@ class UniformPolicy(Policy):
     """Uniform random dynamic pruning: each sample with probability K/N, weight 1."""
 
     name = "uniform"
+    uses_epochs = False
 
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         n = len(scores)
@@ -42,6 +44,7 @@ class RS2Policy(Policy):
     """
 
     name = "rs2"
+    uses_epochs = False
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None) -> None:
         super().__init__(keep, epochs)
