@@ -149,6 +149,16 @@ def test_bad_input_named_skipped_or_refused(jpegs, tmp_path):
             index(str(tmp_path / f"{name}.tar"), str(tmp_path / f"o-{name}"), strict=True)
     s = index([str(tmp_path / "cut.tar"), str(tmp_path / "dup.tar")], str(tmp_path / "o-mixed"))
     assert any("cut.tar" in p and "shard skipped" in p for p in s["skipped"]) and s["num_samples"] == 3
+    # nothing indexable, and refused runs: no half-made dataset folder is left behind (a
+    # folder that was there before stays, with what it held)
+    with pytest.raises(IndexError_, match="no sample could be indexed from 1 shard.*notar.tar"):
+        index(str(tmp_path / "notar.tar"), str(tmp_path / "o-nothing"))
+    assert not (tmp_path / "o-nothing").exists() and not (tmp_path / "o-notar").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(IndexError_):
+        index(str(tmp_path / "notar.tar"), str(tmp_path / "mine"))
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("backend", ["dali", "torch"])

@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -332,8 +333,19 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
     if not paths:
         raise IndexError_(f"no shards match {shards!r}")
     paths = [p if is_url(p) else os.path.abspath(p) for p in paths]
+    created = not os.path.exists(out)
     os.makedirs(out, exist_ok=True)
-    results = _index_all(paths, out, label, strict, storage_options, fields, workers, progress)
+    try:
+        results = _index_all(paths, out, label, strict, storage_options, fields, workers, progress)
+    except BaseException:
+        if created:  # nothing of ours is worth keeping; a folder the user had stays
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if not sum(len(g.offset) for g in results):
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise IndexError_(f"no sample could be indexed from {len(paths)} shard(s): "
+                          + "; ".join([pr for g in results for pr in g.problems][:5]))
     entries, idx_entries, problems, fetched, total = [], [], [], 0, 0
     idx_dir = os.path.join(out, "index")
     os.makedirs(idx_dir, exist_ok=True)
@@ -349,9 +361,6 @@ def index(shards: str | list[str], out: str, *, label: str = "cls", strict: bool
         idx_entries.append({"path": f"index/{name}", "size": len(text),
                             "sha256": hashlib.sha256(text).hexdigest()})
     n = sum(len(g.offset) for g in results)
-    if not n:
-        raise IndexError_(f"no sample could be indexed from {len(paths)} shard(s): "
-                          + "; ".join(problems[:5]))
     labels = [g.label for g in results if len(g.label)]
     if isinstance(labels[0][0], str):
         flat = [v for part in labels for v in part]
