@@ -15,6 +15,7 @@ exactly once in byte order, the last partial batch padded (ids -1, weights 0).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -122,7 +123,8 @@ class Loader:
         self.scores = opt.plan.scores
         self.policy = self.planner = None
         if self.train:
-            self.policy = get_policy(policy, keep=keep, epochs=epochs, **dict(opt.plan.policy_kwargs))
+            self._policy_kwargs = dict(opt.plan.policy_kwargs)
+            self.policy = get_policy(policy, keep=keep, epochs=epochs, **self._policy_kwargs)
             if self.scores is None:
                 self.scores = Scores(self.n)
             self.planner = EpochPlanner(self.policy, self.scores, ds.file, ds.offset, self.seed,
@@ -140,6 +142,7 @@ class Loader:
         # (epoch, its earlier parts as (world size, steps)): an epoch resumed on another world size
         self._layout: tuple[int, tuple[tuple[int, int], ...]] = (-1, ())
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
+        self._live: weakref.ref | None = None  # the epoch iterator streaming now
         self._stats: dict[int, EpochStats] = {}
         self._report = CorruptReport(ds, opt.read.on_corrupt is OnCorrupt.RAISE,
                                      opt.read.max_corrupt_fraction,
@@ -223,7 +226,24 @@ class Loader:
 
     # -- iteration ------------------------------------------------------------------------
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Iterate the batches of ``epoch`` (resuming mid-epoch after ``load_state_dict``)."""
+        """Iterate the batches of ``epoch`` (resuming mid-epoch after ``load_state_dict``).
+
+        One epoch streams at a time: starting to iterate another (or the same epoch again)
+        ends one still in progress, as a ``break`` out of it would."""
+        if self._backend is None:
+            raise RuntimeError(f"{self!r} is closed: make a new Loader to iterate again")
+        box: list = []
+        it = self._epoch(epoch, box)
+        box.append(it)
+        return it
+
+    def _epoch(self, epoch: int, box: list) -> Iterator[Batch]:
+        me = box.pop()  # no reference from the frame to itself: a dropped iterator is collected
+        live = self._live() if self._live is not None else None
+        if live is not None and live is not me:
+            live.close()  # its `finally` stops its backend epoch now, not when collected later
+        self._live = weakref.ref(me)
+        del me
         t_start = time.perf_counter()
         bp = self.batch_plan(epoch)
         first = 0
@@ -259,7 +279,7 @@ class Loader:
                 self._last_batch = batch
                 yield batch
         finally:
-            if not finished:  # the caller left early (or an error): stop the backend's epoch
+            if not finished and self._backend is not None:  # the caller left early (or an error)
                 st.add_abandoned(self._backend.abandon())
             raws.close()
             st.epoch_s = time.perf_counter() - t_start
@@ -346,6 +366,8 @@ class Loader:
         """Counters of ``epoch`` (default: the latest epoch started)."""
         if epoch is None:
             epoch = max(self._stats) if self._stats else 0
+        if epoch not in self._stats:
+            raise KeyError(f"no stats for epoch {epoch}: epochs started so far {sorted(self._stats)}")
         return self._stats[epoch]
 
     def state_dict(self) -> dict:
@@ -366,7 +388,18 @@ class Loader:
             "policy": {} if self.policy is None else self.policy.state_dict(),
             "bad": torch.from_numpy(self.bad.ids()),
             "layout": torch.from_numpy(layout),
+            "plan": self._plan_key(),
         }
+
+    def _plan_key(self) -> dict:
+        """What decides the plans and batches a state's position counts (checked on load)."""
+        key = {"batch_size": self.batch_size, "train": self.train}
+        if self.policy is not None:
+            key.update(policy=self.policy_name, keep=self.policy.keep if self.policy_name != "full" else 1.0,
+                       policy_kwargs=json.dumps(dict(self._policy_kwargs), sort_keys=True, default=str))
+            if self.policy.uses_epochs:
+                key["epochs"] = self.epochs
+        return key
 
     def load_state_dict(self, sd: dict | list[dict]) -> None:
         """Restore; the next ``epoch(sd["epoch"])`` skips the batches already consumed.
@@ -377,7 +410,8 @@ class Loader:
         (:func:`pipeline.plan.elastic.combine_states`).
         """
         every = isinstance(sd, (list, tuple))
-        at = combine_states(list(sd) if every else [sd], self.rank, self.world_size, self.seed, every)
+        at = combine_states(list(sd) if every else [sd], self.rank, self.world_size, self.seed, every,
+                            plan=self._plan_key())
         if at.scores is not None and self.scores is not None:
             self.scores.load_state_dict(at.scores)
         if self.policy is not None:

@@ -270,6 +270,38 @@ def test_break_mid_epoch_then_next_epoch(cifar_wds):
     assert sorted(ids[ids >= 0]) == sorted(plan[plan >= 0])
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_an_epoch_left_open_is_ended_by_the_next(cifar_test_wds, backend):
+    """A peek (`next(L.epoch(0))`) kept in a variable, then the epoch iterated: DALI delivered
+    the peeked epoch's batches into the new one (ids not planned: RuntimeError), and the
+    old iterator, collected during a later epoch, stopped that epoch's backend (torch:
+    FileNotFoundError).  Starting an epoch now ends the one left open."""
+    ds = pipeline.open_dataset(cifar_test_wds)
+    L = pipeline.Loader(ds, 500, keep=0.5, policy="swdpp", epochs=3, backend=backend, device="cpu",
+                        num_workers=0, augment=None)
+    try:
+        peek = L.epoch(0)
+        next(peek)
+        ids = np.concatenate([b.ids.numpy() for b in L.epoch(0)])
+        plan = planned(L, 0)
+        assert sorted(ids[ids >= 0]) == sorted(plan[plan >= 0])
+        assert list(peek) == []                     # ended, as a break would have
+        old = L.epoch(1)
+        next(old)
+        n = 0
+        for i, b in enumerate(L.epoch(1)):
+            if i == 2:
+                del old                             # collected mid-epoch: no effect now
+            n += int((b.ids >= 0).sum())
+        assert n == int((planned(L, 1) >= 0).sum())
+        with pytest.raises(KeyError, match=r"no stats for epoch 7: epochs started so far \[0, 1\]"):
+            L.stats(7)
+    finally:
+        L.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        L.epoch(2)
+
+
 def test_dali_spawned_workers(cifar_test_wds):
     """The path taken when CUDA is already initialised: workers spawned, source pickled."""
     ds = pipeline.open_dataset(cifar_test_wds)

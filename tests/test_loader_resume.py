@@ -56,3 +56,30 @@ def test_resume_mid_epoch_new_process(cifar_wds, tmp_path, backend, repo_root):
     ra, rb = np.load(a), np.load(b)
     assert ra.shape == rb.shape and ra.shape[0] > 5
     np.testing.assert_allclose(ra, rb, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, msg", [(dict(batch_size=128), "batch_size 64 -> 128"),
+                                         (dict(keep=0.7), "keep 0.5 -> 0.7"),
+                                         (dict(policy="uniform"), "policy 'swdpp' -> 'uniform'"),
+                                         (dict(epochs=10), "epochs 3 -> 10")])
+def test_state_of_another_plan_is_refused(cifar_test_wds, change, msg):
+    """A state counts its position in batches of its own plan: loaded into a Loader with
+    another batch size, keep, policy or run length it skipped (batch 128: 192 of 500 never
+    delivered) or repeated samples without a word."""
+    import pipeline
+    import torch
+    ds = pipeline.open_dataset(cifar_test_wds)
+    kw = dict(batch_size=64, keep=0.5, policy="swdpp", epochs=3, seed=1, backend="torch",
+              device="cpu", num_workers=0, augment=None)
+    with pipeline.Loader(ds, **kw) as L:
+        for b in L.epoch(0):
+            L.update(b.ids, torch.rand(len(b)))
+            if b.step == 2:
+                sd = L.state_dict()
+                break
+    with pipeline.Loader(ds, **kw) as same:
+        same.load_state_dict(sd)
+        assert same.state_dict()["step"] == 3
+    with pipeline.Loader(ds, **{**kw, **change}) as other:
+        with pytest.raises(ValueError, match=f"other plans .*{msg}.*skip or repeat"):
+            other.load_state_dict(sd)

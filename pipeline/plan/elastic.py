@@ -49,11 +49,13 @@ def _pending_of(committed: dict, parts: list[dict]) -> dict:
 
 
 def combine_states(states: list[dict[str, Any]], rank: int, world_size: int, seed: int,
-                   every_rank: bool = True) -> ResumePoint:
+                   every_rank: bool = True, plan: dict[str, Any] | None = None) -> ResumePoint:
     """The resume point of ``rank`` of ``world_size`` from the saved states.
 
     ``states``: every rank's, in rank order (any world size), or with ``every_rank=False``
-    one rank's own state (the same world size). Raises ValueError naming what does not fit.
+    one rank's own state (the same world size).  ``plan``: what decides this loader's plans
+    and batches (batch size, policy, keep, ...; the ``"plan"`` entry of a state), checked
+    against the saved one where both name a key.  Raises ValueError naming what does not fit.
     """
     if not states:
         raise ValueError("no loader state given")
@@ -62,6 +64,12 @@ def combine_states(states: list[dict[str, Any]], rank: int, world_size: int, see
             raise ValueError(f"unsupported Loader state version {st.get('version')!r}")
         if int(st["seed"]) != seed:
             raise ValueError(f"state was saved with seed {int(st['seed'])}, this loader has seed {seed}")
+    saved = states[0].get("plan") or {}
+    differ = [f"{k} {saved[k]!r} -> {plan[k]!r}" for k in sorted(set(saved) & set(plan or {}))
+              if saved[k] != plan[k]]
+    if differ:  # the position counts batches of another plan: samples would be skipped or repeated
+        raise ValueError(f"the loader state was saved by a Loader with other plans ({'; '.join(differ)}): "
+                         "its position would skip or repeat samples; resume with the same settings")
     old_w = int(states[0]["world_size"])
     where = [(int(st["epoch"]), int(st["step"]), int(st["world_size"])) for st in states]
     if len(set(where)) > 1:
