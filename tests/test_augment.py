@@ -180,3 +180,51 @@ def test_cifar_preset_fits_other_sizes_before_its_pad_crop(tmp_path, backend):
         assert (dark(v).sum((1, 2)) > 40).all()
     train.close()
     evl.close()
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_no_preset_on_mixed_sizes_names_the_problem(tmp_path, backend):
+    """augment=None keeps each image's size: on images of two sizes the first batch failed
+    deep inside DALI (an IsDenseTensor assert) or torch.stack; now an error that says what
+    to pass.  With image_size the same data loads."""
+    import pipeline
+    from pipeline.formats import convert
+
+    for c, (h, w) in (("a", (20, 30)), ("b", (24, 24))):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((h, w, 3), 40 * i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+    convert(tmp_path / "src", tmp_path / "wds", format="wds", progress=False)
+    ds = pipeline.open_dataset(tmp_path / "wds")
+    kw = dict(keep=1.0, policy="full", backend=backend, device="cpu", augment=None, num_workers=0)
+    with pipeline.Loader(ds, 6, **kw) as L:
+        with pytest.raises(ValueError, match=r"different sizes .* pass image_size="):
+            next(iter(L.epoch(0)))
+    with pipeline.Loader(ds, 6, options=pipeline.LoaderOptions.of(image_size=16), **kw) as L:
+        assert next(iter(L.epoch(0))).images.shape == (6, 3, 16, 16)
+
+
+def test_eval_centre_crop_same_pixels_on_both_backends(tmp_path):
+    """An odd margin (40x50 -> 20x25 -> centre 20x20): torchvision's centre crop rounds half
+    to even and DALI's puts the extra pixel first, so the torch backend's eval images were
+    one pixel off DALI's (4-10 levels apart on textured images).  Now the same window."""
+    import pipeline
+    from pipeline.formats import convert
+
+    y, x = np.mgrid[0:40, 0:50]
+    for c in ("a", "b"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(3):
+            a = (((x * (3 + i) + y * 2) % 17) * 15).astype(np.uint8)      # fine diagonal stripes
+            Image.fromarray(np.stack([a, a[::-1], 255 - a], -1)).save(tmp_path / "src" / c / f"{i}.png")
+    convert(tmp_path / "src", tmp_path / "wds", format="wds", progress=False)
+    ds = pipeline.open_dataset(tmp_path / "wds")
+    got = {}
+    for backend in ("dali", "torch"):
+        with pipeline.Loader.for_eval(ds, 6, augment=None, backend=backend, device="cpu",
+                                      options=pipeline.LoaderOptions.of(image_size=20)) as L:
+            b = next(iter(L.epoch(0)))
+            got[backend] = b.images[b.ids.argsort()] * 255
+    assert got["dali"].shape == (6, 3, 20, 20)
+    diff = (got["dali"] - got["torch"]).abs().mean((1, 2, 3))
+    assert (diff < 1.5).all(), diff

@@ -30,7 +30,7 @@ from ..read.source import PlannedSource
 from ..read.table import EpochTable, TableHeader
 from .augment import AugmentSpec
 
-__all__ = ["Backend", "BackendConfig", "RawBatch", "decodable"]
+__all__ = ["Backend", "BackendConfig", "RawBatch", "decodable", "uneven_sizes"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,6 +63,17 @@ class RawBatch:
     reads: ReadCounters
     decode_s: float = 0.0
     fields: dict[str, list[bytes]] = field(default_factory=dict)  # SourceBatch.fields
+
+
+def uneven_sizes(shapes: list[tuple[int, ...]]) -> ValueError | None:
+    """The error for a batch whose images differ in size (no preset resized them), or None."""
+    kinds = sorted(set(map(tuple, shapes)))
+    if len(kinds) < 2:
+        return None
+    return ValueError(f"the images of a batch have different sizes ({kinds[0]} and {kinds[1]} among "
+                      f"{len(kinds)} shapes) and a batch is one tensor: augment=None keeps each "
+                      "image's size, so pass image_size= (resize and centre crop) or a preset "
+                      "(\"cifar\", \"imagenet\")")
 
 
 def decodable(data: bytes, codec: str) -> bool:

@@ -36,7 +36,7 @@ from ..read.ranges import ReadCounters
 from ..read.source import meta_from_array, meta_to_array
 from ..read.table import TableHeader
 from .augment import AugmentSpec, rrc_pixels, sample_params
-from .backend import Backend, BackendConfig, RawBatch, decodable
+from .backend import Backend, BackendConfig, RawBatch, decodable, uneven_sizes
 from .procs import die_with_parent_default, init_reader_process, reader_processes, stop_pool
 
 __all__ = ["DaliBackend"]
@@ -229,6 +229,10 @@ def _to_torch(images, device):
     is copied there."""
     import torch
 
+    if not images.is_dense_tensor():
+        err = uneven_sizes([tuple(images[i].shape()) for i in range(len(images))])
+        if err is not None:
+            raise err
     t = torch.from_dlpack(images.as_tensor())
     return t if t.device == torch.device(device) else t.to(device, non_blocking=True)
 

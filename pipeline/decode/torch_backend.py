@@ -25,7 +25,7 @@ from ..read.sniff import PNG_SIGNATURE, plausible_image
 from ..read.source import Flag, PlannedSource, meta_from_array, meta_to_array
 from ..read.table import TableHeader
 from .augment import AugmentParams, AugmentSpec, rrc_pixels, sample_params
-from .backend import Backend, RawBatch
+from .backend import Backend, RawBatch, uneven_sizes
 from .procs import (die_with_parent_default, ignore_stop_signals, init_reader_process,
                     reader_processes)
 
@@ -43,6 +43,18 @@ def _crop_pad(img: torch.Tensor, y0: int, x0: int, h: int, w: int) -> torch.Tens
     return out
 
 
+def _center_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre ``size`` window as DALI's crop (``crop_pos`` 0.5) places it: an odd
+    margin puts the extra pixel before the window (torchvision's ``center_crop`` rounds
+    half to even, one pixel apart from DALI on half of the odd margins)."""
+    (h, w), (hh, ww) = size, img.shape[-2:]
+    if h > hh or w > ww:  # smaller than the window: torchvision pads it
+        from torchvision.transforms.v2 import functional as F
+        return F.center_crop(img, [h, w])
+    top, left = int((hh - h) / 2 + 0.5), int((ww - w) / 2 + 0.5)
+    return img[..., top:top + h, left:left + w]
+
+
 def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) -> torch.Tensor:
     """Apply ``spec`` with row ``j`` of ``p`` to a CHW uint8 image -> float CHW."""
     from torchvision.transforms.v2 import functional as F
@@ -50,8 +62,7 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     (y0, x0), (ph, pw) = p.anchor[j], p.shape[j]
     if spec.mode == "pad_crop":
         if spec.resize_shorter:  # another size: to the output size first, as eval does
-            img = F.center_crop(F.resize(img, [spec.resize_shorter], antialias=True),
-                                list(spec.out_size))
+            img = _center_crop(F.resize(img, [spec.resize_shorter], antialias=True), spec.out_size)
         img = _crop_pad(img, int(y0), int(x0), int(ph), int(pw))
     elif spec.mode == "rrc":
         (top, left), (h, w) = rrc_pixels(p.anchor[j], p.shape[j],
@@ -61,7 +72,7 @@ def transform(img: torch.Tensor, p: AugmentParams, j: int, spec: AugmentSpec) ->
     elif spec.mode == "resize_center":
         img = F.resize(img, [spec.resize_shorter], antialias=True)
         if spec.out_size:
-            img = F.center_crop(img, list(spec.out_size))
+            img = _center_crop(img, spec.out_size)
     if spec.flip and p.flip[j]:
         img = img.flip(-1)
     mean = torch.tensor(spec.mean, dtype=torch.float32).view(-1, 1, 1)
@@ -160,6 +171,9 @@ class _BatchDataset(torch.utils.data.Dataset):
         for j in np.flatnonzero(sb.meta["flag"] == Flag.CORRUPT).tolist():
             for values in sb.fields.values():  # an undecodable image: no sample, no fields
                 values[j] = b""
+        err = uneven_sizes([tuple(x.shape) for x in imgs])
+        if err is not None:
+            raise err
         return torch.stack(imgs), meta_to_array(sb.meta), decode_ns, sb.fields
 
 
