@@ -12,10 +12,10 @@ from trainers.metrics import MetricsWriter, loss_histogram, read_jsonl
 
 
 def _fake_run(d: Path, policy: str, keep: float, seed: int, acc: float, epochs: int = 3, n: int = 1000,
-              data: str = "/x/toy") -> Path:
+              data: str = "/x/toy", config: dict | None = None) -> Path:
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"policy": policy, "keep": keep, "seed": seed, "epochs": epochs,
-                                               "data_name": Path(data).name, "data": data}))
+                                               "data_name": Path(data).name, "data": data, **(config or {})}))
     w = MetricsWriter(d / "metrics.jsonl")
     k = n if policy == "full" else int(keep * n)
     wall = 0.0
@@ -165,3 +165,101 @@ def test_one_seed_reports_no_spread(tmp_path: Path) -> None:
     lines = {line.split(" | ")[1]: line for line in report.table(res["rows"]).splitlines()[2:]}
     assert "| 90.00 | " in lines["full"] and "±" not in lines["full"]
     assert "| 90.00 ± 0.71 | " in lines["swdpp"]
+
+
+def test_runs_of_other_settings_get_their_own_rows(tmp_path: Path, capsys) -> None:
+    """Two sweeps at LR 0.2 and 0.28: four rows, each pruned row against the full row of its
+    LR; the device, threads or run folder do not split a row."""
+    for lr, base in ((0.2, 0.90), (0.28, 0.92)):
+        for s in range(2):
+            _fake_run(tmp_path / f"lr{lr}" / f"full-s{s}", "full", 1.0, s, base,
+                      config={"lr": lr, "device": "cuda" if s else "cpu", "threads": s + 1})
+            _fake_run(tmp_path / f"lr{lr}" / f"swdpp-s{s}", "swdpp", 0.7, s, base - 0.01,
+                      config={"lr": lr, "out": f"/somewhere/{s}"})
+    res = report.write_report([str(tmp_path)], quiet=True)
+    rows = {r["policy"]: r for r in res["rows"]}
+    assert list(rows) == ["full{lr=0.2}", "full{lr=0.28}", "swdpp{lr=0.2}", "swdpp{lr=0.28}"]
+    assert all(r["seeds"] == 2 for r in rows.values())
+    assert rows["swdpp{lr=0.28}"]["vs_full"] == "full{lr=0.28}"
+    assert rows["swdpp{lr=0.2}"]["acc_delta"] == pytest.approx(-1.0, abs=1e-6)
+    assert rows["swdpp{lr=0.28}"]["acc_delta"] == pytest.approx(-1.0, abs=1e-6)
+    assert {(p["policy"], p["vs_policy"]) for p in res["pairs"]} >= {("swdpp{lr=0.2}", "full{lr=0.2}")}
+    assert "seed" not in capsys.readouterr().err
+    # one LR of the pruned policy only, two full rows: the report says which one it used
+    _fake_run(tmp_path / "lr0.1" / "swdpp-s0", "swdpp", 0.7, 0, 0.8, config={"lr": 0.1})
+    res = report.write_report([str(tmp_path)], quiet=True)
+    md = (res["out"] / "report.md").read_text()
+    assert "swdpp{lr=0.1} keep 0.7 (toy): vs `full{lr=0.2}` (of 2 full-data rows); settings that differ: " \
+        "lr 0.1 vs 0.2" in md
+
+
+def test_same_seed_at_two_lrs_is_two_rows(tmp_path: Path, capsys) -> None:
+    """tools/report.py lr2/swdpp-k0.7-s0 lr28/swdpp-k0.7-s0: two one-seed rows, not one of "2 seeds"."""
+    a = _fake_run(tmp_path / "lr2" / "swdpp-k0.7-s0", "swdpp", 0.7, 0, 0.78, config={"lr": 0.2})
+    b = _fake_run(tmp_path / "lr28" / "swdpp-k0.7-s0", "swdpp", 0.7, 0, 0.786, config={"lr": 0.28})
+    assert report.main([str(a), str(b), "--out", str(tmp_path / "rep")]) == 0
+    out = capsys.readouterr()
+    lines = [line for line in out.out.splitlines() if "swdpp" in line]
+    assert len(lines) == 2 and "| swdpp{lr=0.2} | 0.7 | 1 |" in lines[0] and "| swdpp{lr=0.28} | 0.7 | 1 |" in lines[1]
+    assert "seed 0" not in out.err
+
+
+def test_a_repeated_seed_counts_once_with_a_warning(tmp_path: Path, capsys) -> None:
+    """The same seed in two runs of one row: counted once, from the later run, and both
+    run folders named on stderr; the paired differences do not silently drop one either."""
+    import os
+
+    from tools import paired
+    for s in range(2):
+        _fake_run(tmp_path / f"full-s{s}", "full", 1.0, s, 0.90)
+    old = _fake_run(tmp_path / "a" / "swdpp-s0", "swdpp", 0.7, 0, 0.70)
+    new = _fake_run(tmp_path / "b" / "swdpp-s0", "swdpp", 0.7, 0, 0.88)
+    _fake_run(tmp_path / "b" / "swdpp-s1", "swdpp", 0.7, 1, 0.88)
+    os.utime(old / "metrics.jsonl", (1e9, 1e9))
+    res = report.write_report([str(tmp_path)], quiet=True)
+    row = {r["policy"]: r for r in res["rows"]}["swdpp"]
+    assert row["seeds"] == 2 and row["seed_list"] == [0, 1]
+    assert row["acc_mean"] == pytest.approx(0.88)
+    err = capsys.readouterr().err
+    assert "seed 0 is in 2 runs" in err and str(old) in err and str(new) in err
+    assert err.count("seed 0 is in") == 1                  # said once, not by every table
+    pairs = paired.paired_differences([report.load_run(p) for p in (tmp_path / "full-s0", tmp_path / "full-s1",
+                                                                     old, new, tmp_path / "b" / "swdpp-s1")])
+    d = {(r["policy"], r["vs_policy"]): r for r in pairs}[("full", "swdpp")]
+    assert d["diff"] == pytest.approx(2.0)
+    err = capsys.readouterr().err
+    assert str(old) in err and str(new) in err
+
+
+def test_compare_refuses_a_run_of_other_options(fmnist_wds, tmp_path: Path, capsys) -> None:
+    """A finished run is skipped only when it was trained with the same command: the same
+    sweep again is skipped, one with --epochs 2 into the same folder is refused."""
+    from tools import compare
+    runs = tmp_path / "runs"
+    common = ["--data", str(fmnist_wds), "--policies", "uniform", "--seeds", "0", "--runs", str(runs)]
+    trainer = ["--", "--backend", "torch", "--device", "cpu", "--workers", "0", "--threads", "1", "--width", "8"]
+    assert compare.main(common + ["--epochs", "1"] + trainer) == 0
+    run = runs / "uniform-k0.7-s0"
+    cmd = json.loads((run / "compare.json").read_text())["command"]
+    assert cmd[cmd.index("--data") + 1] == str(Path(fmnist_wds).resolve()) and "--resume" not in cmd
+    summary = (run / "summary.json").read_text()
+    with pytest.raises(SystemExit, match=r"uniform-k0.7-s0 was trained with --epochs 1, this sweep asks for "
+                                         r"--epochs 2: use another --runs folder or remove that run"):
+        compare.main(common + ["--epochs", "2"] + trainer)
+    with pytest.raises(SystemExit, match=r"was trained with --width 8, this sweep asks for --width 16"):
+        compare.main(common + ["--epochs", "1"] + trainer[:-1] + ["16"])
+    capsys.readouterr()
+    assert compare.main(common + ["--epochs", "1"] + trainer) == 0
+    assert "uniform-k0.7-s0: done, skipped" in capsys.readouterr().out
+    assert (run / "summary.json").read_text() == summary
+
+
+def test_compare_checks_older_runs_by_their_config(tmp_path: Path, capsys) -> None:
+    """A run folder from before compare.json: its config.json is compared."""
+    from tools import compare
+    _fake_run(tmp_path / "full-k1-s0", "full", 1.0, 0, 0.9, epochs=3, data="/x/toy")
+    base = ["--data", "/x/toy", "--policies", "full", "--seeds", "0", "--runs", str(tmp_path), "--dry-run"]
+    with pytest.raises(SystemExit, match=r"full-k1-s0 was trained with --epochs 3, this sweep asks for --epochs 5"):
+        compare.main(base + ["--epochs", "5"])
+    assert compare.main(base + ["--epochs", "3"]) == 0
+    assert "full-k1-s0: done, skipped" in capsys.readouterr().out

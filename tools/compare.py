@@ -9,9 +9,14 @@ report. Seeds are paired: the same seed gives the same initial weights and the s
 augmentation stream under every policy, so the report's paired differences compare like
 with like. Each run is ``python -m trainers.classify`` in its own process (sequentially, so
 wall times are comparable; ``--jobs N`` runs N at a time, e.g. small models sharing one GPU,
-each then writing its output to ``RUN/train.log``), written to ``RUNS/<policy>-k<keep>-s<seed>``. Finished runs (with
-``summary.json``) are skipped, interrupted ones are resumed, so the command can be re-run
-after a kill. Arguments after ``--`` go to every training run. Runs are interleaved by seed
+each then writing its output to ``RUN/train.log``), written to ``RUNS/<policy>-k<keep>-s<seed>``. Each run's
+trainer command is recorded in ``RUN/compare.json`` before it starts; a finished run (with
+``summary.json``) is skipped and an interrupted one resumed only when it was started with
+the same trainer options (the interpreter and ``--out`` aside), so the command can be re-run
+after a kill; a run of other options (``--epochs``, data, policy options, arguments after
+``--``, ...) is refused, naming the run and the first options that differ (runs without
+``compare.json`` are checked against their ``config.json``). Arguments after ``--`` go to
+every training run. Runs are interleaved by seed
 (all policies of seed 0, then seed 1, ...) so a partial sweep still compares policies.
 """
 from __future__ import annotations
@@ -52,6 +57,97 @@ def policy_tag(name: str, kw: dict) -> str:
 
 def run_dir(runs: Path, policy: str, keep: float, seed: int) -> Path:
     return runs / f"{policy}-k{1.0 if policy == 'full' else keep:g}-s{seed}"
+
+
+def trainer_command(a: argparse.Namespace, policy: str, kw: dict, keep: float, seed: int, d: Path,
+                    extra: list[str]) -> list[str]:
+    """The trainer command of one run, without ``--resume``; data paths made absolute."""
+    cmd = [a.python, "-m", "trainers.classify", "--data", _abs(a.data), "--policy", policy, "--keep", str(keep),
+           "--seed", str(seed), "--epochs", str(a.epochs), "--out", str(d), "--no-progress"]
+    if a.test_data:
+        cmd += ["--test-data", _abs(a.test_data)]
+    if kw:
+        cmd += ["--policy-kwargs", json.dumps(kw, sort_keys=True)]
+    return cmd + extra
+
+
+def _abs(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _options(cmd: Sequence[str]) -> dict[str, list[str]]:
+    """``--option`` -> its values (the interpreter, ``-m trainers.classify``, ``--out`` and
+    ``--resume`` aside: they do not change what a run trains)."""
+    opts: dict[str, list[str]] = {}
+    cur = ""
+    for tok in cmd[3:]:
+        if tok.startswith("--"):
+            cur = tok
+            opts[cur] = []
+        else:
+            opts.setdefault(cur, []).append(tok)
+    for k in ("--out", "--resume"):
+        opts.pop(k, None)
+    return opts
+
+
+def _say(opt: str, vals: list[str] | None) -> str:
+    return f"no {opt}" if vals is None else " ".join([opt] + vals)
+
+
+# what a run's config.json records of the options that change its results (older run
+# folders have no compare.json)
+CONFIG_KEYS = ("data", "test_data", "policy", "policy_kwargs", "keep", "seed", "epochs", "batch_size", "mixup",
+               "model", "width", "optimizer", "momentum", "weight_decay", "label_smoothing", "scale_decay",
+               "warmup_epochs", "schedule", "max_steps")
+
+
+def _config_diffs(cfg: dict, cmd: list[str]) -> list[tuple[str, str]]:
+    """(what config.json records, what ``cmd`` asks) for each option that differs."""
+    from trainers.classify import build_parser
+
+    args = vars(build_parser().parse_args(cmd[3:]))
+    keys = CONFIG_KEYS + (("lr",) if args["lr"] is not None else ()) + \
+        (("augment",) if args["augment"] != "auto" else ())
+
+    def norm(k: str, v, policy: str):
+        if k == "mixup" and v is None:  # the trainer's default: on for swdpp and swdpp_v1
+            return str(policy).startswith("swdpp")
+        if k == "keep" and policy == "full":  # full reads every sample, whatever its --keep
+            return 1.0
+        if k == "policy_kwargs" and isinstance(v, str):
+            return json.loads(v or "{}")
+        if k in ("data", "test_data") and v is not None and "://" not in str(v):
+            return str(Path(v).resolve())
+        return v
+
+    def say(k: str, v) -> str:
+        opt = "--" + k.replace("_", "-")
+        return f"no {opt}" if v is None else f"{opt} {json.dumps(v) if isinstance(v, dict) else v}"
+
+    old = {k: norm(k, cfg[k], cfg.get("policy")) for k in keys if k in cfg}
+    new = {k: norm(k, args[k], args["policy"]) for k in old}
+    return [(say(k, old[k]), say(k, new[k])) for k in old if old[k] != new[k]]
+
+
+def run_state(d: Path, cmd: list[str]) -> str:
+    """``new``, ``skip`` (finished with the same options), ``resume`` (interrupted, same
+    options); SystemExit naming the first differing options for a run of other options."""
+    done, started = (d / "summary.json").exists(), (d / "ckpt" / "last.pt").exists()
+    if not (done or started):
+        return "new"
+    if (d / "compare.json").exists():
+        old, new = _options(json.loads((d / "compare.json").read_text())["command"]), _options(cmd)
+        diffs = [(_say(k, old.get(k)), _say(k, new.get(k))) for k in list(new) + [k for k in old if k not in new]
+                 if old.get(k) != new.get(k)]
+    elif (d / "config.json").exists():
+        diffs = _config_diffs(json.loads((d / "config.json").read_text()), cmd)
+    else:
+        diffs = []
+    if diffs:
+        raise SystemExit(f"{d} was trained with {', '.join(o for o, _ in diffs[:3])}, this sweep asks for "
+                         f"{', '.join(n for _, n in diffs[:3])}: use another --runs folder or remove that run")
+    return "skip" if done else "resume"
 
 
 def split_trainer_args(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
@@ -105,30 +201,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return
             time.sleep(0.5)
 
-    for n, (policy, kw, keep, seed) in enumerate(jobs, 1):
+    # every run's options are checked before the first one starts
+    planned = []
+    for policy, kw, keep, seed in jobs:
         d = run_dir(runs, policy_tag(policy, kw), keep, seed)
-        if (d / "summary.json").exists():
+        cmd = trainer_command(a, policy, kw, keep, seed, d, extra)
+        planned.append((d, cmd, run_state(d, cmd)))
+    for n, (d, cmd, state) in enumerate(planned, 1):
+        if state == "skip":
             print(f"[compare] {n}/{len(jobs)} {d.name}: done, skipped", flush=True)
             continue
-        cmd = [a.python, "-m", "trainers.classify", "--data", a.data, "--policy", policy, "--keep", str(keep),
-               "--seed", str(seed), "--epochs", str(a.epochs), "--out", str(d), "--no-progress"]
-        if a.test_data:
-            cmd += ["--test-data", a.test_data]
-        if kw:
-            cmd += ["--policy-kwargs", json.dumps(kw, sort_keys=True)]
-        if (d / "ckpt" / "last.pt").exists():
-            cmd.append("--resume")
-        cmd += extra
-        print(f"[compare] {n}/{len(jobs)} {' '.join(cmd)}", flush=True)
+        print(f"[compare] {n}/{len(jobs)} {' '.join(cmd + ['--resume'] * (state == 'resume'))}", flush=True)
         if a.dry_run:
             continue
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "compare.json").write_text(json.dumps({"command": cmd}, indent=1) + "\n")
+        cmd = cmd + ["--resume"] * (state == "resume")
         t0 = time.perf_counter()
         if a.jobs == 1:
             _finished(d, subprocess.call(cmd, env=env), t0)
             continue
         while len(running) >= a.jobs:
             wait_one()
-        d.mkdir(parents=True, exist_ok=True)
         with open(d / "train.log", "ab") as log:  # the child keeps its own handle
             running.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), d, t0))
     while running:

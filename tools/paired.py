@@ -8,6 +8,8 @@ whether one policy is ahead of another. Used by tools/report.py.
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections import defaultdict
 from itertools import permutations
 from pathlib import Path
@@ -15,14 +17,42 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["paired_differences", "paired_table", "plot_accuracy_vs_samples"]
+__all__ = ["one_run_per_seed", "paired_differences", "paired_table", "plot_accuracy_vs_samples"]
+
+
+def _mtime(r: dict) -> float:
+    try:
+        return os.stat(os.path.join(r["run"], "metrics.jsonl")).st_mtime
+    except OSError:
+        return 0.0
+
+
+def one_run_per_seed(runs: list[dict], key=lambda r: (r["dataset"], r["policy"], r["keep"])) -> list[dict]:
+    """``runs`` with one run per seed of each group (``key``): of runs repeating a seed, the
+    later one by its metrics.jsonl mtime counts (the one listed last on a tie), and a warning
+    on stderr names them all; runs without a seed are all kept."""
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        if r.get("seed") is not None:
+            by[(key(r), r["seed"])].append(r)
+    drop = set()
+    for (k, seed), rs in by.items():
+        if len(rs) > 1:
+            last = max(enumerate(rs), key=lambda ir: (_mtime(ir[1]), ir[0]))[1]
+            drop.update(id(r) for r in rs if r is not last)
+            print(f"[report] {rs[0]['policy']} keep {rs[0]['keep']:g} ({rs[0]['dataset']}): seed {seed} is in "
+                  f"{len(rs)} runs ({', '.join(r['run'] for r in rs)}); counted once, from the latest: "
+                  f"{last['run']}", file=sys.stderr)
+    return [r for r in runs if id(r) not in drop]
 
 
 def _groups(runs: list[dict]) -> dict[tuple, dict[Any, float]]:
-    """(dataset, epochs, policy, keep) -> {seed: final test accuracy} of the complete runs."""
+    """(dataset, epochs, policy, keep) -> {seed: final test accuracy} of the complete runs
+    (a seed in two runs of a group: the later, with a warning)."""
     out: dict[tuple, dict[Any, float]] = defaultdict(dict)
-    for r in runs:
-        if r.get("complete") and r.get("test_acc") is not None and r.get("seed") is not None:
+    done = [r for r in runs if r.get("complete") and r.get("test_acc") is not None]
+    for r in one_run_per_seed(done, key=lambda r: (r["dataset"], r["epochs"], r["policy"], r["keep"])):
+        if r.get("seed") is not None:
             out[(r["dataset"], r["epochs"], r["policy"], r["keep"])][r["seed"]] = float(r["test_acc"])
     return out
 

@@ -3,9 +3,15 @@
     python tools/report.py RUN_DIR [RUN_DIR ...] [--out REPORT_DIR]
 
 A RUN_DIR may also be a folder of runs (searched recursively for ``metrics.jsonl``). Runs are
-grouped by (dataset, policy, keep); seeds are aggregated (mean and sample std). Prints a
+grouped by (dataset, policy, keep) and by the training settings of their config.json that
+change results (lr, epochs, model, batch size, ...; not the seed, run folder, device, threads,
+workers, backend or data path spelling): within a (dataset, policy, keep), the settings that
+differ extend the row label, ``swdpp{lr=0.2}``. Seeds are aggregated (mean and sample std); a
+seed in two runs of one row counts once, from the later run (metrics.jsonl mtime), with a
+warning naming both. Prints a
 markdown table -- final test accuracy, training wall time, samples/bytes/requests read,
-the ratios versus the full-data run of the same dataset, and the most epochs in a row a
+the ratios versus the full-data row of the same dataset (of the same settings where there is
+one; report.md says which when it is not plain), and the most epochs in a row a
 sample went unread (the worst over the seeds) -- and writes ``report.md``,
 ``runs.csv`` and PNG plots (accuracy vs wall time, bytes read per epoch, kept fraction per
 epoch, distribution of per-sample training losses) into REPORT_DIR.
@@ -24,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.paired import paired_differences, paired_table, plot_accuracy_vs_samples  # noqa: E402
+from tools.paired import one_run_per_seed, paired_differences, paired_table, plot_accuracy_vs_samples  # noqa: E402
 from trainers.metrics import read_jsonl  # noqa: E402
 
 
@@ -52,9 +58,9 @@ def load_run(run: Path) -> dict[str, Any] | None:
     cfg = json.loads((run / "config.json").read_text()) if (run / "config.json").exists() else {}
     last = recs[-1]
     accs = [r["test_acc"] for r in recs if r.get("test_acc") is not None]
-    policy = cfg.get("policy", last.get("policy", "?"))
-    keep = 1.0 if policy == "full" else float(cfg.get("keep", last.get("keep", 1.0)))
-    policy = policy_label(policy, cfg.get("policy_kwargs"))
+    name = cfg.get("policy", last.get("policy", "?"))
+    keep = 1.0 if name == "full" else float(cfg.get("keep", last.get("keep", 1.0)))
+    policy = policy_label(name, cfg.get("policy_kwargs"))
 
     def tot(k: str) -> float | None:
         vals = [r.get(k) for r in recs]
@@ -63,7 +69,8 @@ def load_run(run: Path) -> dict[str, Any] | None:
     return {
         "run": str(run), "dataset": cfg.get("data_name", Path(str(cfg.get("data", "?"))).name),
         "data": str(cfg.get("data", "?")),
-        "policy": policy, "keep": keep, "seed": cfg.get("seed", last.get("seed")),
+        "policy": policy, "policy_name": name, "base_label": policy, "settings": run_settings(cfg), "label_keys": (),
+        "keep": keep, "seed": cfg.get("seed", last.get("seed")),
         "epochs_done": len(recs), "epochs": cfg.get("epochs", len(recs)),
         "complete": (run / "summary.json").exists(), "records": recs,
         "test_acc": accs[-1] if accs else None, "wall_s": float(last.get("wall_s", 0.0)),
@@ -94,6 +101,48 @@ def name_datasets(runs: list[dict]) -> None:
                 r["dataset"] = "/".join(parts[r["data"].rstrip("/")][-k:])
 
 
+# config.json entries that do not change a run's results, or that the row key holds already
+NOT_SETTINGS = frozenset((
+    "data", "data_name", "dataset_id", "dataset_size", "num_classes", "in_channels", "policy", "keep",
+    "policy_kwargs", "seed", "out", "resume", "device", "threads", "workers", "backend", "no_progress",
+    "eval_batch_size", "eval_every", "log_ids", "compile", "torch", "python", "machine", "cpu_count",
+    "torch_threads", "gpu", "steps_per_epoch", "parameters", "lr_given"))
+# settings that belong to the pruning policy (like its options): not compared with full data
+POLICY_SETTINGS = ("mixup",)
+
+
+def run_settings(cfg: dict) -> dict:
+    """The options of a run's config.json that change its results (the test set by name,
+    mixup as applied: by default on for swdpp and swdpp_v1, as trainers/build.py does)."""
+    out = {k: v for k, v in cfg.items() if k not in NOT_SETTINGS}
+    if out.get("test_data"):
+        out["test_data"] = Path(str(out["test_data"]).rstrip("/")).name
+    if "mixup" in out and out["mixup"] is None:
+        out["mixup"] = str(cfg.get("policy", "")).startswith("swdpp")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def label_settings(runs: list[dict]) -> list[dict]:
+    """Runs of one (dataset, policy, keep) trained with other settings get those settings in
+    their policy label, ``swdpp{lr=0.2}``, ``swdpp{weights=importance}{epochs=60}``, so their
+    rows never merge (a setting some runs do not record differs only if the others do)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in runs:
+        groups[(r["dataset"], r["policy"], r["keep"])].append(r)
+    for rs in groups.values():
+        keys = sorted(k for k in set().union(*(r["settings"] for r in rs))
+                      if len({json.dumps(r["settings"][k], sort_keys=True, default=str)
+                              for r in rs if k in r["settings"]}) > 1)
+        for r in rs if keys else ():
+            r["policy"] += "{" + ",".join(f"{k}={r['settings'].get(k)}" for k in keys) + "}"
+            r["label_keys"] = tuple(r["label_keys"]) + tuple(keys)
+    return runs
+
+
 def policy_label(policy: str, kwargs: Any) -> str:
     """``swdpp`` or, with policy options (an ablation), ``swdpp{weights=importance}``."""
     if isinstance(kwargs, str):
@@ -119,9 +168,10 @@ def _pm(mean: float | None, std: float | None, spec: str, scale: float = 1.0) ->
 
 
 def aggregate(runs: list[dict]) -> list[dict]:
-    """Group runs by (dataset, policy, keep) and add ratios versus the dataset's full-data group."""
+    """Group runs by (dataset, policy, keep) (labels extended by ``label_settings``, one run
+    per seed) and add ratios versus the dataset's full-data row of the same settings."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in runs:
+    for r in one_run_per_seed(label_settings(runs)):
         groups[(r["dataset"], r["policy"], r["keep"])].append(r)
     rows = []
     for (dataset, policy, keep), rs in groups.items():
@@ -129,6 +179,10 @@ def aggregate(runs: list[dict]) -> list[dict]:
         wall_m, wall_s = _mean_std([r["wall_s"] for r in rs])
         cpu_m, cpu_s = _mean_std([r["cpu_s"] for r in rs])
         row = {"dataset": dataset, "policy": policy, "keep": keep, "seeds": len(rs),
+               "policy_name": rs[0]["policy_name"], "base_label": rs[0]["base_label"],
+               "label_keys": rs[0]["label_keys"],
+               "settings": {k: v for k, v in rs[0]["settings"].items() if all(
+                   k in r["settings"] and _same(r["settings"][k], v) for r in rs)},
                "seed_list": sorted(r["seed"] for r in rs if r["seed"] is not None),
                "epochs": max(r["epochs_done"] for r in rs), "complete": all(r["complete"] for r in rs),
                "acc_mean": acc_m, "acc_std": acc_s, "wall_mean": wall_m, "wall_std": wall_s,
@@ -139,17 +193,46 @@ def aggregate(runs: list[dict]) -> list[dict]:
         row["unseen_max"] = max(gaps) if gaps else None     # the worst over the seeds
         rows.append(row)
     order = {"full": 0, "swdpp": 1, "uniform": 2, "infobatch": 3, "ucb": 4, "eps_greedy": 5}
-    rows.sort(key=lambda r: (r["dataset"], r["keep"] != 1.0 or r["policy"] != "full", r["keep"] * -1,
-                             order.get(r["policy"], 9)))
-    full = {r["dataset"]: r for r in rows if r["policy"] == "full"}
+    rows.sort(key=lambda r: (r["dataset"], r["keep"] != 1.0 or r["policy_name"] != "full", r["keep"] * -1,
+                             order.get(r["policy_name"], 9), r["base_label"],
+                             [_sortable(r["settings"].get(k)) for k in r["label_keys"]], r["policy"]))
     for r in rows:
-        f = full.get(r["dataset"])
+        f, r["vs_full_note"] = _full_row(r, [x for x in rows if x["dataset"] == r["dataset"]
+                                             and x["policy_name"] == "full"])
+        r["vs_full"] = f["policy"] if f else None
         for k, name in (("wall_mean", "time_ratio"), ("cpu_mean", "cpu_ratio"), ("bytes_read", "bytes_ratio"),
                         ("samples_read", "samples_ratio")):
             r[name] = (r[k] / f[k]) if f and r.get(k) is not None and f.get(k) else None
         r["acc_delta"] = (r["acc_mean"] - f["acc_mean"]) * 100 if f and r["acc_mean"] is not None and \
             f["acc_mean"] is not None else None
     return rows
+
+
+def _sortable(v: Any) -> tuple:
+    """Setting values in numeric order where they are numbers (lr 0.2 before 0.28)."""
+    return (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, json.dumps(v, default=str))
+
+
+def _full_row(r: dict, fulls: list[dict]) -> tuple[dict | None, str | None]:
+    """The full-data row that ``r`` is compared with -- the one with the same values of the
+    settings in either label, else the one sharing the most settings -- and a note when that
+    is not plain (several to choose from, or settings that differ)."""
+    if r["policy_name"] == "full" or not fulls:
+        return (r if r["policy_name"] == "full" else None), None
+    same = lambda f, k: _same(r["settings"].get(k), f["settings"].get(k))  # noqa: E731
+    keys = lambda f, ks: (set(ks(r)) | set(ks(f))) - set(POLICY_SETTINGS)  # noqa: E731
+    match = [f for f in fulls if all(same(f, k) for k in keys(f, lambda x: x["label_keys"]))]
+    f = max(match or fulls, key=lambda f: sum(same(f, k) for k in keys(f, lambda x: x["settings"])))
+    differ = sorted(k for k in keys(f, lambda x: x["settings"]) if not same(f, k))
+    if not differ and (len(match) == 1 or len(fulls) == 1):
+        return f, None
+    note = f"{r['policy']} keep {r['keep']:g} ({r['dataset']}): vs `{f['policy']}`"
+    if len(fulls) > 1:
+        note += f" (of {len(fulls)} full-data rows)"
+    if differ:
+        note += "; settings that differ: " + ", ".join(
+            f"{k} {r['settings'].get(k)} vs {f['settings'].get(k)}" for k in differ)
+    return f, note
 
 
 def _fmt(x: Any, spec: str = ".3f", none: str = "-") -> str:
@@ -309,6 +392,7 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
     if not runs:
         raise SystemExit(f"no runs with metrics.jsonl under {list(paths)}")
     name_datasets(runs)
+    counted = one_run_per_seed(label_settings(runs))
     if out:
         outp = Path(out)
     elif len(paths) == 1 and not (Path(paths[0]) / "metrics.jsonl").exists():
@@ -316,10 +400,11 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
     else:
         outp = Path(run_dirs[0]).parent / "report"
     outp.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(runs)
+    rows = aggregate(counted)
     tab = table(rows)
-    files = plots(runs, outp) + plot_accuracy_vs_samples(runs, outp)
-    pairs = paired_differences(runs)
+    notes = [r["vs_full_note"] for r in rows if r.get("vs_full_note")]
+    files = plots(counted, outp) + plot_accuracy_vs_samples(counted, outp)
+    pairs = paired_differences(counted)
     ptab = paired_table(pairs)
     with open(outp / "runs.csv", "w", newline="") as f:
         keys = ["dataset", "policy", "keep", "seed", "epochs_done", "complete", "test_acc", "wall_s", "cpu_s", "elapsed_s",
@@ -332,17 +417,23 @@ def write_report(paths: Sequence[str], out: str | Path | None = None, quiet: boo
           "Final test accuracy (mean ± sample std over seeds), training wall time (data wait + compute,",
           "evaluation excluded), training CPU time (the trainer and its loader workers; less sensitive to",
           "other jobs on the machine than wall time), totals read over the run, and ratios versus the",
-          "full-data run of the same dataset. `*` = some run of the group is incomplete.", "", tab, "",
-          "## Paired differences", "",
-          "Per-seed test-accuracy difference of each policy against each other (same seeds: same initial",
-          "weights and augmentation stream), mean over the common seeds, its standard error, and how",
-          "many seeds the first policy won.", "", ptab, ""]
+          "full-data row of the same dataset and settings. `*` = some run of the group is incomplete.",
+          "", tab, ""]
+    if notes:
+        md += ["Compared with a full-data row of other settings, or one of several:", ""] + \
+            [f"- {n}" for n in notes] + [""]
+    md += ["## Paired differences", "",
+           "Per-seed test-accuracy difference of each policy against each other (same seeds: same initial",
+           "weights and augmentation stream), mean over the common seeds, its standard error, and how",
+           "many seeds the first policy won.", "", ptab, ""]
     md += [f"![{p.stem}]({p.name})" for p in files]
     (outp / "report.md").write_text("\n".join(md) + "\n")
     (outp / "summary.json").write_text(json.dumps(rows, indent=1, default=str))
     (outp / "paired.json").write_text(json.dumps(pairs, indent=1, default=str))
     if not quiet:
         print(tab)
+        for n in notes:
+            print(f"vs full: {n}")
         print(f"\nreport: {outp / 'report.md'} ({len(files)} plots)")
     return {"rows": rows, "runs": runs, "table": tab, "files": files, "out": outp, "pairs": pairs}
 
