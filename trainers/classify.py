@@ -16,20 +16,24 @@ schedule, trainers/epoch_loop.py trains, evaluates and records the epochs.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
+import numbers
 import sys
 import time
 from typing import Sequence
 
 from pipeline.decode import BACKENDS
+from pipeline.plan.distributed import dist_env
 from pipeline.plan.policies import POLICIES
 
 from .build import build_training, check_test_set, make_loader, resolve_augment
 from .epoch_loop import EpochLoop, cpu_seconds, evaluate, train_step
 from .models import MODELS
 from .optim import OPTIMIZERS
-from .run_setup import finish_run, resume, start_run, write_config
+from .run_setup import (Progress, check_resume_config, finish_run, finished_summary, inherit_options,
+                        read_checkpoint, resume, run_dir, saved_config, start_run, write_config)
 from .schedule import SCHEDULES
 
 # what other code (benchmarks, tests) imports from here
@@ -92,9 +96,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def given_options(argv: Sequence[str] | None) -> set[str]:
+    """The options given on the command line (their ``dest``), whatever their value: what a
+    ``--resume`` does not take from the saved run."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(argv)))
+
+
+_KINDS = {"float": "a number", "int": "a number", "bool": "true or false", "str": "a string", "None": "null"}
+
+
+def _accepts(kind: str, value: object) -> bool:
+    if kind in ("float", "int"):
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    return kind == "None" and value is None
+
+
+def check_policy_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace, kwargs: dict) -> None:
+    """Build the policy as the loader will (same keep and epochs), before anything is written:
+    an unknown option, a value of the wrong kind (a number option given a string or a
+    boolean: its constructor's annotation or default says which) or one the policy refuses
+    is a ``parser.error`` naming ``--policy-kwargs``, the option and the value."""
+    from pipeline.plan.policies import POLICIES, get_policy
+
+    cls = POLICIES[args.policy]
+    params = {k: q for k, q in inspect.signature(cls.__init__).parameters.items()
+              if k not in ("self", "keep", "epochs") and q.kind is not q.VAR_KEYWORD}
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        parser.error(f"argument --policy-kwargs: policy {args.policy!r} has no option(s) "
+                     f"{', '.join(map(repr, unknown))}; its options: {', '.join(params) or 'none'}")
+    for key, value in kwargs.items():
+        q = params[key]
+        ann = q.annotation
+        if ann is not q.empty:   # "float | None" (postponed annotations) or the type itself
+            ann = ann if isinstance(ann, str) else ann.__name__ if isinstance(ann, type) else str(ann)
+            kinds = [t.strip() for t in ann.split("|")]
+        elif q.default is not q.empty and q.default is not None:
+            kinds = [type(q.default).__name__]
+        else:
+            continue
+        if not all(k in _KINDS for k in kinds):
+            continue  # a type this check does not know: the policy judges the value
+        if not any(_accepts(k, value) for k in kinds):
+            want = " or ".join(dict.fromkeys(_KINDS[k] for k in kinds))
+            parser.error(f"argument --policy-kwargs: option {key!r} of policy {args.policy!r} takes "
+                         f"{want}, got {json.dumps(value)}")
+    try:
+        get_policy(args.policy, keep=1.0 if args.policy == "full" else args.keep, epochs=args.epochs, **kwargs)
+    except (TypeError, ValueError) as e:
+        if not kwargs:
+            parser.error(f"argument --policy: {e}")
+        parser.error(f"argument --policy-kwargs: {e} (options {json.dumps(kwargs)})")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str] | None = None,
+               saved: dict | None = None) -> None:
     """Refuse values that would fail (or train garbage) later, before anything starts:
-    ``parser.error`` (exit status 2) naming the option and the value."""
+    ``parser.error`` (exit status 2) naming the option and the value.
+
+    ``given``: the options on the command line (None: all count as given); ``saved``: the
+    config.json of the run that ``--resume`` continues (its values are not refused again)."""
     def bad(opt: str, value: object, want: str) -> None:
         parser.error(f"argument {opt}: {want}, got {value!r}")
 
@@ -102,7 +170,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     for opt, value, lo in (("--batch-size", args.batch_size, 1), ("--eval-batch-size", args.eval_batch_size, 1),
                            ("--epochs", args.epochs, 1), ("--eval-every", args.eval_every, 1),
                            ("--width", args.width, 1), ("--workers", args.workers, 0),
-                           ("--threads", args.threads, 1), ("--max-steps", args.max_steps, 1)):
+                           ("--threads", args.threads, 1), ("--max-steps", args.max_steps, 1),
+                           ("--seed", args.seed, 0)):
         if value is not None and value < lo:
             bad(opt, value, f"must be an integer >= {lo}")
     if not (finite(args.keep) and 0.0 < args.keep <= 1.0):
@@ -116,23 +185,64 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             ("--warmup-epochs", args.warmup_epochs, lambda v: v >= 0.0, "must be a finite number >= 0")):
         if not (finite(value) and ok(value)):
             bad(opt, value, want)
+    if args.warmup_epochs >= args.epochs:  # the LR would rise until the last step, never decay
+        same = saved is not None and (saved.get("warmup_epochs"), saved.get("epochs")) == (args.warmup_epochs,
+                                                                                            args.epochs)
+        if (given is None or "warmup_epochs" in given) and not same:
+            bad("--warmup-epochs", args.warmup_epochs, f"must be smaller than --epochs ({args.epochs}): a warm-up "
+                "that long covers the whole run, which never reaches the base LR")
+        if saved is None and dist_env().rank == 0:
+            print(f"[classify] warning: the default --warmup-epochs {args.warmup_epochs:g} covers the whole "
+                  f"{args.epochs}-epoch run (the LR rises until the last step); give --warmup-epochs 0 or a "
+                  "fraction of an epoch", file=sys.stderr, flush=True)
     try:
         kwargs = json.loads(args.policy_kwargs)
     except ValueError as e:
         parser.error(f"argument --policy-kwargs: not valid JSON ({e}): {args.policy_kwargs!r}")
     if not isinstance(kwargs, dict):
         bad("--policy-kwargs", args.policy_kwargs, "must be a JSON object, e.g. '{\"temperature\": 2}'")
+    check_policy_kwargs(parser, args, kwargs)
+
+
+def warn_padding(args: argparse.Namespace, loader, world_size: int, is_main: bool) -> None:
+    """Warn once where ``--batch-size`` is larger than the samples an epoch reads per rank:
+    such an epoch is a single step made mostly of padding rows (weight 0)."""
+    if not is_main or loader.policy is None:
+        return
+    per_rank = [(-(-int(loader.policy.num_selected(loader.n, e)) // world_size), e) for e in range(args.epochs)]
+    least, epoch = min(per_rank)
+    if args.batch_size > least:
+        print(f"[classify] warning: --batch-size {args.batch_size} is larger than the {least} samples "
+              f"epoch {epoch} reads per rank: such an epoch is one step whose other "
+              f"{args.batch_size - least} rows are padding (weight 0, computed for nothing); "
+              f"use a --batch-size of at most {least}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Train; return the summary dict (also written to RUN_DIR/summary.json on rank 0)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_args(parser, args)
+    given = given_options(argv)
+    is_main = dist_env().rank == 0
+    if args.policy == "full" and args.keep != 1.0:  # full reads every sample: recorded as keep 1
+        args.keep = 1.0
+    out = run_dir(args)
+    saved = ck = None
+    if args.resume:
+        saved = saved_config(out)
+        if (out / "ckpt" / "last.pt").exists():
+            ck = read_checkpoint(out / "ckpt" / "last.pt")
+        if saved is not None:
+            taken = inherit_options(args, saved, given, ck)
+            if args.policy == "full":
+                args.keep = 1.0
+            if taken and is_main:
+                print(f"[classify] --resume: as the run before: {', '.join(taken)}", flush=True)
+    check_args(parser, args, given, saved)
     import pipeline
 
     t_start = time.perf_counter()
-    run = start_run(args)
+    run = start_run(args, out)
     ds = pipeline.open_dataset(args.data)
     args.augment = resolve_augment(args.augment, ds)  # the test set is normalised like the training set
     test_ds = pipeline.open_dataset(args.test_data) if args.test_data else None
@@ -141,12 +251,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
             check_test_set(ds, test_ds, args.augment, args.data, args.test_data)
         except ValueError as e:
             parser.error(str(e))
+    if ck is not None:
+        check_resume_config(run, args, ds, ck)
+        done = finished_summary(run, args, ck)
+        if done is not None:
+            return done
+    elif args.resume and run.is_main:
+        print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
     loader = make_loader(ds, args, run.world_size, run.rank, args.device, train=True)
+    warn_padding(args, loader, run.world_size, run.is_main)
     test_loader = None
     if test_ds is not None and run.is_main:
         test_loader = make_loader(test_ds, args, 1, 0, args.device, train=False)
     model, raw_model, opt, sched, steps, lr = build_training(args, ds, loader, run.device, run.world_size)
-    progress = resume(run, args, raw_model, opt, sched, loader)
+    progress = resume(run, args, raw_model, opt, sched, loader, ck) if ck is not None else Progress()
+    lr = float(opt.param_groups[0].get("initial_lr", lr))  # after a resume: the checkpoint's
     write_config(run, args, ds, raw_model, lr, steps)
     loop = EpochLoop(args, run, progress, loader, test_loader, model, raw_model, opt, sched, steps, t_start)
     stopped = loop.train()

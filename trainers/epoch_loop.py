@@ -369,7 +369,23 @@ class EpochLoop:
             rec["score_hist"] = loss_histogram(np.asarray(sc.ema)[seen])
             rec["score_hist"]["seen_fraction"] = float(seen.mean()) if seen.size else 0.0
             # epochs in a row the longest-waiting sample went unread before this one (never
-            # read: all of them); its largest value over a run is the run's worst gap
+            # read: all of them); the last epoch also counts the gaps still open at the end of
+            # the run, so that its largest value over a run is the run's worst gap
             last = np.asarray(sc.last_epoch)
             rec["unseen_max"] = int(epoch - 1 - last.min()) if last.size and epoch > 0 else 0
+            if epoch == a.epochs - 1 and last.size:
+                rec["unseen_max"] = max(rec["unseen_max"], self._open_gap(epoch, sc, last))
         return rec
+
+    def _open_gap(self, epoch: int, sc: Any, last: np.ndarray) -> int:
+        """The longest run of epochs, up to and including ``epoch``, that a sample has gone
+        unread at its end: the epoch's own reads (its pending score updates, every rank's)
+        close the gaps of the samples it read; never-read samples count every epoch."""
+        after = last.astype(np.int64)
+        ids = np.asarray(sc.state_dict()["pending_ids"], np.int64)
+        after[ids[(ids >= 0) & (ids < after.size)]] = epoch
+        if self.run.distributed:
+            t = torch.from_numpy(after).to(self.run.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            after = t.cpu().numpy()
+        return int(epoch - after.min())

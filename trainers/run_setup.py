@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,14 +74,25 @@ class Progress:
 
 
 def default_out(args: argparse.Namespace) -> str:
-    """``runs/<data>-<policy>-k<keep>-s<seed>``."""
+    """``runs/<data>-<policy>-k<keep>-s<seed>`` (keep 1 for the full policy, which reads everything)."""
     name = Path(args.data.rstrip("/")).name
-    return str(Path("runs") / f"{name}-{args.policy}-k{args.keep:g}-s{args.seed}")
+    keep = 1.0 if args.policy == "full" else args.keep
+    return str(Path("runs") / f"{name}-{args.policy}-k{keep:g}-s{args.seed}")
 
 
-def start_run(args: argparse.Namespace) -> Run:
+def run_dir(args: argparse.Namespace) -> Path:
+    """The run directory: ``--out``, else :func:`default_out`."""
+    return Path(args.out or default_out(args))
+
+
+def default_lr(optimizer: str, batch_size: int, world_size: int) -> float:
+    """The base LR when ``--lr`` is not given: 2e-3 for adamw, else 0.1 x global batch / 128."""
+    return 2e-3 if optimizer == "adamw" else 0.1 * batch_size * world_size / 128
+
+
+def start_run(args: argparse.Namespace, out: Path | None = None) -> Run:
     """Pick the device (resolving ``args.device="auto"``), join the process group under
-    torchrun and create the run directory."""
+    torchrun and create the run directory (``out``, default :func:`run_dir`)."""
     env = dist_env()
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +104,7 @@ def start_run(args: argparse.Namespace) -> Run:
     if env.world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     amp = args.amp if args.amp is not None else device.type == "cuda"
-    run = Run(Path(args.out or default_out(args)), device, env.rank, env.world_size, amp)
+    run = Run(Path(out) if out is not None else run_dir(args), device, env.rank, env.world_size, amp)
     if run.is_main:
         run.out.mkdir(parents=True, exist_ok=True)
     run.barrier()  # the directory exists before any rank writes into it
@@ -111,7 +123,10 @@ def dataset_id(ds: Any) -> str:
 def write_config(run: Run, args: argparse.Namespace, ds: Any, raw_model: nn.Module, lr: float,
                  steps: list[int]) -> dict:
     """The run's options, dataset, model and machine; written to config.json by rank 0."""
-    config = dict(vars(args), world_size=run.world_size, lr=lr, steps_per_epoch=steps, dataset_size=len(ds),
+    # what the run does: mixup resolved (None: by policy), lr the base LR in use (after a
+    # resume: the checkpoint's), lr_given whether it came from --lr or the default rule
+    config = dict(vars(args), mixup=resolved_mixup(args.mixup, args.policy), world_size=run.world_size,
+                  lr=lr, lr_given=args.lr is not None, steps_per_epoch=steps, dataset_size=len(ds),
                   num_classes=len(ds.classes), in_channels=int(ds.channels or 3),
                   parameters=count_parameters(raw_model), amp=run.amp, torch=torch.__version__,
                   python=platform.python_version(), machine=platform.machine(), cpu_count=os.cpu_count(),
@@ -123,24 +138,36 @@ def write_config(run: Run, args: argparse.Namespace, ds: Any, raw_model: nn.Modu
     return config
 
 
-def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, sched: Any, loader: Any) -> Progress:
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path`` (rank 0's ``last.pt``); SystemExit naming it when unreadable."""
+    try:
+        ck = checkpoint.load(path)
+        int(ck["world_size"]), int(ck["epoch"]), int(ck["step_in_epoch"])
+    except Exception as e:  # noqa: BLE001 - empty, cut, foreign or garbage: all unusable
+        raise SystemExit(f"--resume: {path} is not a readable checkpoint of this trainer "
+                         f"({type(e).__name__}: {e}); move it away to start afresh, or resume "
+                         "from a copy") from None
+    return ck
+
+
+def resume(run: Run, args: argparse.Namespace, raw_model: nn.Module, opt: Any, sched: Any, loader: Any,
+           ck: dict | None = None) -> Progress:
     """With ``--resume`` and a checkpoint: restore model, optimizer, schedule and loader, and
-    return where the run stopped (mid-epoch included); otherwise a fresh start."""
+    return where the run stopped (mid-epoch included); otherwise a fresh start.
+
+    ``ck``: the checkpoint already read (:func:`read_checkpoint`); None reads ``last.pt``.
+    The options are checked against the run's config.json before (:func:`check_resume_config`,
+    called by ``classify.main``)."""
     last = run.ck_dir / "last.pt"
     if not args.resume:
         return Progress()
-    if not last.exists():
-        if run.is_main:
-            print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
-        return Progress()
-    check_resume_config(run, args, loader.ds)
-    try:
-        ck = checkpoint.load(last)
-        old_w = int(ck["world_size"])
-    except Exception as e:  # noqa: BLE001 - empty, cut, foreign or garbage: all unusable
-        raise SystemExit(f"--resume: {last} is not a readable checkpoint of this trainer "
-                         f"({type(e).__name__}: {e}); move it away to start afresh, or resume "
-                         "from a copy") from None
+    if ck is None:
+        if not last.exists():
+            if run.is_main:
+                print(f"[classify] --resume: no checkpoint in {run.ck_dir}, starting fresh", flush=True)
+            return Progress()
+        ck = read_checkpoint(last)
+    old_w = int(ck["world_size"])
     raw_model.load_state_dict(ck["model"])
     if old_w == run.world_size:
         opt.load_state_dict(ck["optimizer"])
@@ -172,19 +199,124 @@ RESUME_FIXED = ("policy", "keep", "policy_kwargs", "seed", "epochs", "batch_size
                 "model", "width", "optimizer", "momentum", "weight_decay", "label_smoothing",
                 "scale_decay", "warmup_epochs", "schedule")
 
+# Options that a ``--resume`` takes from the run's config.json when they are not given
+# anew (an omitted option means "as before"), besides --lr (:func:`inherit_options`).
+# Not inherited: --data (required; a moved copy resumes), and what belongs to the machine
+# or this process (--device, --workers, --threads, --amp, --compile, --max-steps, --out).
+RESUME_INHERITED = RESUME_FIXED + ("test_data", "backend", "augment", "eval_batch_size", "eval_every", "log_ids")
 
-def check_resume_config(run: Run, args: argparse.Namespace, ds: Any = None) -> None:
+
+def saved_config(out: Path) -> dict | None:
+    """The run's config.json (None when absent or unreadable)."""
+    path = Path(out) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolved_mixup(mixup: bool | None, policy: str) -> bool:
+    """``--mixup`` as the run applies it: the flag, or by default on for swdpp and swdpp_v1."""
+    return bool(mixup) if mixup is not None else str(policy).startswith("swdpp")
+
+
+def resolved_policy_kwargs(kwargs: Any, policy: str) -> dict:
+    """The policy's options as it runs with them: the given ones over the defaults of its
+    constructor (``{"mixup": 0.0}`` and ``{}`` are the same swdpp)."""
+    import inspect
+
+    from pipeline.plan.policies import POLICIES
+    given = json.loads(kwargs) if isinstance(kwargs, str) else dict(kwargs or {})
+    cls = POLICIES.get(policy)
+    if cls is None:
+        return given
+    params = inspect.signature(cls.__init__).parameters
+    out = {k: q.default for k, q in params.items()
+           if k not in ("self", "keep", "epochs") and q.default is not q.empty}
+    out.update(given)
+    return out
+
+
+def resolved_option(key: str, value: Any, cfg: dict) -> Any:
+    """An option's value as the run with options ``cfg`` uses it (for comparisons)."""
+    policy = cfg.get("policy")
+    if key == "mixup":
+        return resolved_mixup(value, policy)
+    if key == "policy_kwargs":
+        return resolved_policy_kwargs(value, policy)
+    if key == "keep":
+        return 1.0 if policy == "full" else float(value)
+    return value
+
+
+def saved_lr(old: dict | None, ck: dict | None) -> float | None:
+    """The base LR the saved run uses: its checkpoint's (the optimizer's ``initial_lr``), else
+    its config.json's ``lr``."""
+    try:
+        return float(ck["optimizer"]["param_groups"][0]["initial_lr"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        pass
+    return float(old["lr"]) if old and old.get("lr") is not None else None
+
+
+def inherit_options(args: argparse.Namespace, old: dict, given: set[str], ck: dict | None = None) -> list[str]:
+    """``--resume``: every option of :data:`RESUME_INHERITED` not given anew takes the saved
+    run's value (config.json), and so does ``--lr`` where the run's LR was chosen (``--lr``)
+    rather than the default rule (which scales with the global batch, also on another world
+    size). Returns ``--name value`` for each option whose value this changed."""
+    import math
+    taken = []
+    for k in RESUME_INHERITED:
+        if k in given or k not in old:
+            continue
+        v = old[k]
+        if k == "test_data" and v is not None and not Path(str(v)).exists():
+            print(f"[classify] warning: --resume: the run's test set {v} is absent; "
+                  "continuing without evaluation (give --test-data)", file=sys.stderr, flush=True)
+            v = None
+        if getattr(args, k, None) != v:
+            name = k.replace("_", "-")
+            shown = f"--{name}" if v is True else f"--no-{name}" if v is False else f"--{name} {v}"
+            taken.append(f"--{name} none" if v is None else shown)
+            setattr(args, k, v)
+    lr = saved_lr(old, ck)
+    if "lr" not in given and lr is not None:
+        chosen = old.get("lr_given")
+        if chosen is None:  # config.json of an older version: chosen if it is not the default
+            rule = default_lr(old.get("optimizer", args.optimizer), int(old.get("batch_size", args.batch_size)),
+                              int(old.get("world_size", 1)))
+            chosen = not math.isclose(lr, rule, rel_tol=1e-9)
+        if chosen:
+            args.lr = lr
+            taken.append(f"--lr {lr:g}")
+    return taken
+
+
+def check_resume_config(run: Run, args: argparse.Namespace, ds: Any = None, ck: dict | None = None) -> None:
     """Refuse ``--resume`` with options that change the plan, the model or the optimizer, or
-    with another dataset (the run's config.json holds the old values)."""
+    with another dataset (the run's config.json holds the old values). Values are compared
+    as the run uses them (``--mixup`` resolved by policy, policy options over their
+    defaults, keep 1 for full); an equivalent one given anew takes the saved form, so that
+    the loader's state matches. ``ck``: the checkpoint, whose LR is the one in use."""
+    import math
     path = run.out / "config.json"
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    norm = lambda k, v: json.loads(v) if k == "policy_kwargs" and isinstance(v, str) else v  # noqa: E731
-    changed = [f"--{k.replace('_', '-')} {old[k]!r} -> {getattr(args, k)!r}" for k in RESUME_FIXED
-               if k in old and norm(k, old[k]) != norm(k, getattr(args, k))]
-    if args.lr is not None and "lr" in old and float(old["lr"]) != float(args.lr):  # given again
-        changed.append(f"--lr {old['lr']!r} -> {args.lr!r}")
+    new = vars(args)
+    changed = []
+    for k in RESUME_FIXED:
+        if k not in old:
+            continue
+        a, b = resolved_option(k, old[k], old), resolved_option(k, new[k], new)
+        if a != b:
+            shown = (a, b) if k == "mixup" else (old[k], new[k])
+            changed.append(f"--{k.replace('_', '-')} {shown[0]!r} -> {shown[1]!r}")
+        elif k in ("policy_kwargs", "mixup"):
+            setattr(args, k, old[k])
+    lr = saved_lr(old, ck if ck is not None and int(ck.get("world_size", -1)) == run.world_size else None)
+    if args.lr is not None and lr is not None and not math.isclose(lr, float(args.lr), rel_tol=1e-9):
+        changed.append(f"--lr {lr!r} -> {args.lr!r}")
     if ds is not None and old.get("dataset_id") not in (None, dataset_id(ds)):
         changed.append(f"--data {old.get('data')!r} -> {args.data!r} (another dataset: its "
                        "samples' labels or sizes differ)")
@@ -192,6 +324,39 @@ def check_resume_config(run: Run, args: argparse.Namespace, ds: Any = None) -> N
         raise SystemExit(f"--resume: {path} was written with other options ({'; '.join(changed)}); the "
                          "checkpoint's plan, scores and schedule depend on them: resume with the old "
                          "values, or start a new run (another --out)")
+
+
+def finished_summary(run: Run, args: argparse.Namespace, ck: dict) -> dict | None:
+    """``--resume`` of a run whose checkpoint is past its last epoch: nothing to train. Says
+    so and returns its summary.json, every file left as it was; where summary.json is
+    missing (stopped between the last checkpoint and the summary), writes it from the
+    checkpoint and the last metrics record. None when the run is not complete."""
+    if int(ck["epoch"]) < args.epochs:
+        return None
+    path = run.out / "summary.json"
+    if run.is_main:
+        print(f"[classify] run {run.out} is complete (epoch {int(ck['epoch'])} of {args.epochs}); "
+              "nothing to do", flush=True)
+    summary = None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    if summary is None:
+        from .metrics import read_jsonl
+        recs = read_jsonl(run.out / "metrics.jsonl")
+        last = recs[-1] if recs else {}
+        evals = [r for r in recs if r.get("test_acc") is not None]
+        summary = dict(run=str(run.out), policy=args.policy, keep=args.keep, seed=args.seed, epochs=args.epochs,
+                       stopped=False, global_step=int(ck["global_step"]), wall_s=float(ck["wall_s"]),
+                       cpu_s=float(ck.get("cpu_s", 0.0)), elapsed_s=last.get("elapsed_s"),
+                       **({k: evals[-1][k] for k in ("test_acc", "test_loss", "test_n") if k in evals[-1]}
+                          if evals else {}))
+        if run.is_main:
+            path.write_text(json.dumps(summary, indent=1))
+            print(f"[classify] wrote the missing {path}", flush=True)
+    run.barrier()
+    return summary
 
 
 def _load_rank(ck_dir: Path, rank: int) -> dict:
