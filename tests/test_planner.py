@@ -217,7 +217,8 @@ def test_planning_past_the_runs_epochs_warns_once(name, past_k):
         warnings.simplefilter("error")
         for epoch in range(3):
             scores.sync(epoch)
-            planner.plan(epoch)
+            plan = planner.plan(epoch)
+            scores.update(flat(plan), np.linspace(0.1, 2.0, plan.num_planned))
     with pytest.warns(RuntimeWarning, match=rf"epoch 3 is past the 3 epoch\(s\) the policy '{name}' was "
                                             rf"made for .* reads {past_k} of 1024 samples") as caught:
         for epoch in (3, 4):
@@ -232,6 +233,28 @@ def test_planning_past_the_runs_epochs_warns_once(name, past_k):
             for epoch in range(3):
                 scores.sync(epoch)
                 planner.plan(epoch)
+
+
+def test_a_score_driven_policy_without_losses_warns_once():
+    """A user who never calls update(): swdpp, InfoBatch and the bandits planned every epoch
+    from empty scores, i.e. pruned blind, without a word."""
+    import warnings
+
+    file, offset = manifest([64] * 16)
+    for name, fed in (("swdpp", False), ("infobatch", False), ("swdpp", True), ("uniform", False)):
+        scores = Scores(file.size)
+        planner = EpochPlanner(get_policy(name, keep=0.7, epochs=4), scores, file, offset, seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for epoch in range(4):
+                scores.sync(epoch)
+                plan = planner.plan(epoch)
+                if fed:
+                    scores.update(flat(plan), np.linspace(0.1, 2.0, plan.num_planned))
+        blind = [w for w in caught if "no losses have been reported" in str(w.message)]
+        assert len(blind) == (0 if fed or name == "uniform" else 1), (name, fed, blind)
+        if blind:
+            assert f"epoch 1: " in str(blind[0].message) and repr(name) in str(blind[0].message)
 
 
 RESUME_SCRIPT = textwrap.dedent("""

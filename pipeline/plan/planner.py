@@ -304,7 +304,7 @@ class EpochPlanner:
         self.seed, self.world_size, self.window, self.pad = int(seed), int(world_size), int(window), bool(pad)
         # cached: the manifest does not change between epochs
         self._order = byte_order(file, offset) if isinstance(order, str) else order
-        self._past_warned = False
+        self._past_warned = self._blind_warned = False
 
     def policy_output(self, epoch: int) -> PolicyOutput:
         """The policy's output for `epoch` from the current (synced) scores."""
@@ -321,6 +321,13 @@ class EpochPlanner:
                           f"this epoch follows its last epoch's rule and reads "
                           f"{self.policy.num_selected(n, epoch)} of {n} samples, outside the run's "
                           f"budget; pass the run's length as epochs (Loader(..., epochs=N))", RuntimeWarning, stacklevel=3)
+        if (epoch >= 1 and self.policy.uses_scores and not self._blind_warned
+                and not np.any(self.scores.count)):
+            self._blind_warned = True
+            warnings.warn(f"epoch {epoch}: no losses have been reported (Loader.update(batch.ids, "
+                          f"losses) after each step), so policy {self.policy.name!r} plans from empty "
+                          "scores: it prunes without knowing which samples are hard",
+                          RuntimeWarning, stacklevel=3)
         out = self.policy_output(epoch)
         plan = make_plan(out, seed=self.seed, epoch=epoch, file=self.file, offset=self.offset,
                          world_size=self.world_size, window=self.window, pad=self.pad, order=self._order)

@@ -126,6 +126,9 @@ class Policy:
     # whether the run's length shapes the plans (schedules, budgets spread over the run);
     # planning past `epochs` is then outside what the policy was made for (EpochPlanner warns)
     uses_epochs = True
+    # whether the plans follow the reported losses (a policy that does, left without any,
+    # quietly prunes blind: EpochPlanner warns)
+    uses_scores = True
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None) -> None:
         if not (isinstance(keep, (int, float)) and 0.0 < keep <= 1.0):

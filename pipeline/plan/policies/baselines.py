@@ -18,6 +18,7 @@ class FullPolicy(Policy):
 
     name = "full"
     uses_epochs = False
+    uses_scores = False
 
     def is_full_epoch(self, epoch: int) -> bool:
         """Always: this policy never prunes."""
@@ -29,6 +30,7 @@ class UniformPolicy(Policy):
 
     name = "uniform"
     uses_epochs = False
+    uses_scores = False
 
     def _select(self, scores: Scores, epoch: int, rng: np.random.Generator, k: int) -> PolicyOutput:
         n = len(scores)
@@ -45,6 +47,7 @@ class RS2Policy(Policy):
 
     name = "rs2"
     uses_epochs = False
+    uses_scores = False
 
     def __init__(self, keep: float = 0.7, epochs: int | None = None) -> None:
         super().__init__(keep, epochs)
