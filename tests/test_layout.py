@@ -1,13 +1,13 @@
 """The folder tree is the data path: a module imports only its own stage or earlier ones.
 
 Stage order (docs/architecture.md): streams, formats, plan, read, decode, batch, stats,
-options, loader.  Checked on the source with ``ast`` (lazy imports inside functions count).
+options, loader_state, loader.  Checked on the source with ``ast`` (lazy imports inside functions count).
 """
 import ast
 from pathlib import Path
 
 PIPELINE = Path(__file__).resolve().parents[1] / "pipeline"
-ORDER = ["streams", "formats", "plan", "read", "decode", "batch", "stats", "options", "loader"]
+ORDER = ["streams", "formats", "plan", "read", "decode", "batch", "stats", "options", "loader_state", "loader"]
 
 
 def _stage(module: str) -> str | None:

@@ -28,9 +28,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from a chec
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().rstrip("ib").rstrip("b") if text[-1:].lower() == "b" else text.lower()
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    try:
+        n = int(float(t[:-1]) * units[t[-1]]) if t and t[-1] in units else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64M, 1G, 500000)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return n
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: an integer in lo..hi (an error naming the option otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if n < lo or (hi is not None and n > hi):
+            raise argparse.ArgumentTypeError(
+                f"must be {lo}..{hi}, got {n}" if hi is not None else f"must be >= {lo}, got {n}")
+        return n
+    parse.__name__ = "int"
+    return parse
+
+
+def _resize(text: str) -> tuple[int, int]:
+    from pipeline.formats.convert import parse_resize
+    try:
+        return parse_resize(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _fmt_bytes(n: float) -> str:
@@ -51,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source-type", choices=("imagefolder", "cifar", "idx", "npz"))
     p.add_argument("--split", help="train or test (IDX, CIFAR batches, SRC/<split>/ trees)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--samples-per-shard", type=int, metavar="N")
+    g.add_argument("--samples-per-shard", type=_int_in(1), metavar="N")
     g.add_argument("--shard-bytes", type=_size, metavar="B",
                    help="target shard size, e.g. 64M (default 64 MiB)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=_int_in(1), default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-shuffle", action="store_true", help="keep the source order")
     p.add_argument("--encode", choices=("png", "jpeg", "npy"),
                    help="re-encode images (default: encoded images byte for byte, arrays as PNG)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality for --encode jpeg")
-    p.add_argument("--resize", metavar="HxW", help="resize every image to HxW (bicubic)")
-    p.add_argument("--limit", type=int, metavar="N", help="keep the first N samples after the shuffle")
+    p.add_argument("--quality", type=_int_in(1, 100), default=95,
+                   help="JPEG quality for --encode jpeg (1..100)")
+    p.add_argument("--resize", type=_resize, metavar="HxW",
+                   help="resize every image to HxW (bicubic)")
+    p.add_argument("--limit", type=_int_in(1), metavar="N",
+                   help="keep the first N samples after the shuffle")
     p.add_argument("--name", help="shard name prefix (default 'shard')")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in OUT")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image")
@@ -81,7 +111,7 @@ def build_index_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", default="", metavar="EXT,...",
                    help="extra members to record per sample and deliver as batch.fields "
                         "(e.g. txt,json); a sample without one is skipped (--strict: refused)")
-    p.add_argument("--workers", type=int, default=4, help="shards indexed at once")
+    p.add_argument("--workers", type=_int_in(1), default=4, help="shards indexed at once")
     p.add_argument("--strict", action="store_true", help="fail on the first bad shard or sample")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -113,8 +143,19 @@ def index_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["index"]:
-        return index_main(argv[1:])
+    try:
+        if argv[:1] == ["index"]:
+            return index_main(argv[1:])
+        return convert_main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback; a conversion resumes where it stopped
+        # (its shards are journaled), an index or a verify simply starts again
+        print("\ninterrupted: rerun the same command to resume" if argv[:1] != ["index"]
+              and "--verify" not in argv else "\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def convert_main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.formats import ConvertError, SourceError, VerifyError, convert, verify
     if args.verify:

@@ -21,10 +21,11 @@ import numpy as np
 from .errors import ConvertError
 from .header import MANIFEST_VERSION, ManifestError
 from .manifest import open_dataset, write_manifest
-from .outdir import STATE_DIR, OutLock, pause_point, prepare_out, start_state
+from .outdir import (STATE_DIR, OutLock, check_not_inside, pause_point, prepare_out,
+                     start_state)
 from .registry import FORMATS, Format, SamplePlan, ShardTask, get_format, remember_source
-from .images import probe_image
-from .sources import Source, SourceError, open_source
+from .images import probe_image, unreadable_reason
+from .sources import Source, SourceError, detect_source_type, open_source
 from .storage import is_url
 from .walk import display
 
@@ -41,15 +42,22 @@ class _Interrupted(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 def parse_resize(resize) -> tuple[int, int] | None:
-    """``"HxW"`` / (H, W) / None -> (H, W) or None."""
-    if resize is None or isinstance(resize, tuple):
-        return resize
-    if isinstance(resize, list):
-        return tuple(resize)
-    m = re.fullmatch(r"(\d+)[xX](\d+)", str(resize))
-    if not m:
-        raise ValueError(f"resize must look like HxW (e.g. 32x32), got {resize!r}")
-    return int(m.group(1)), int(m.group(2))
+    """``"HxW"`` / (H, W) / None -> (H, W) or None; ValueError unless both are >= 1 (checked
+    before OUT is touched: a 0x0 plan would fail only after it was recorded)."""
+    if resize is None:
+        return None
+    if isinstance(resize, (tuple, list)):
+        if len(resize) != 2 or not all(isinstance(v, (int, np.integer)) for v in resize):
+            raise ValueError(f"resize must be (H, W) integers, got {resize!r}")
+        h, w = (int(v) for v in resize)
+    else:
+        m = re.fullmatch(r"\s*(\d+)[xX](\d+)\s*", str(resize))
+        if not m:
+            raise ValueError(f"resize must look like HxW (e.g. 32x32), got {resize!r}")
+        h, w = int(m.group(1)), int(m.group(2))
+    if h < 1 or w < 1:
+        raise ValueError(f"resize must be at least 1x1, got {h}x{w}")
+    return h, w
 
 
 def _probe_chunk(paths: list[str]) -> list[tuple]:
@@ -58,8 +66,15 @@ def _probe_chunk(paths: list[str]) -> list[tuple]:
         try:
             out.append((True, *probe_image(p), ""))
         except Exception as e:  # noqa: BLE001 - any decoder failure means "bad image"
-            out.append((False, "", 0, 0, 0, f"{type(e).__name__}: {e}"))
+            out.append((False, "", 0, 0, 0, unreadable_reason(e)))
     return out
+
+
+def _ignore_sigint() -> None:
+    # pool workers leave Ctrl-C to the parent, which stops them: one message, no
+    # traceback per worker
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pool_map(fn, tasks, workers: int, ordered: bool = True):
@@ -70,7 +85,7 @@ def _pool_map(fn, tasks, workers: int, ordered: bool = True):
             yield fn(t)
         return
     import multiprocessing as mp
-    with mp.get_context("spawn").Pool(min(workers, len(tasks))) as pool:
+    with mp.get_context("spawn").Pool(min(workers, len(tasks)), _ignore_sigint) as pool:
         it = pool.imap(fn, tasks) if ordered else pool.imap_unordered(fn, tasks)
         yield from it
 
@@ -147,33 +162,33 @@ def _readable(source: Source, order: np.ndarray, want: int, probes: dict[int, tu
 
 def _plan_samples(fmt: Format, source: Source, keys: np.ndarray, probes: dict[int, tuple],
                   encode: str | None, resize: tuple[int, int] | None) -> tuple[SamplePlan, int]:
-    """What each kept sample becomes in ``fmt``, and the channels a decoder yields."""
+    """What each kept sample becomes in ``fmt``, and the channels a decoder yields.
+
+    The decoders deliver GRAY or RGB (alpha dropped): the dataset is 1 channel when every
+    image is grayscale, else 3, and every re-encoded payload is made to hold that."""
     if source.is_encoded:
         probe_shapes = np.asarray([probes[int(k)][1:4] for k in keys], np.int64)
-        plan = fmt.plan_images([probes[int(k)][0] for k in keys], probe_shapes, encode, resize,
-                               source.root)
+        channels = 1 if np.all(probe_shapes[:, 2] == 1) else 3
+        plan = fmt.plan_images([probes[int(k)][0] for k in keys], probe_shapes, channels,
+                               encode, resize, source.root)
     else:
-        h, w, c = source.images().shape[1:]
+        h, w, channels = source.images().shape[1:]     # C is 1 or 3 (sources.py)
         if resize:
             h, w = resize
-        plan = fmt.plan_arrays((int(h), int(w), int(c)), encode)
-    shape, shapes = plan.sample_shape, plan.probe_shapes
-    channels = shape[2] if shape else (int(shapes[0, 2]) if len(set(shapes[:, 2])) == 1 else 3)
-    if plan.codec == "jpeg" and channels in (2, 4):      # JPEG has no alpha channel
-        channels -= 1
-        plan.sample_shape = shape and (*shape[:2], channels)
-    return plan, channels
+        plan = fmt.plan_arrays((int(h), int(w), int(channels)), encode)
+    return plan, int(channels)
 
 
 def _task(fmt: Format, out: str, k: int, sl: slice, name: str, source: Source,
-          keys: np.ndarray, labels: np.ndarray, plan: SamplePlan, resize, quality: int,
-          encode: str | None, samples_per_shard: int) -> ShardTask:
+          keys: np.ndarray, labels: np.ndarray, plan: SamplePlan, channels: int, resize,
+          quality: int, encode: str | None, samples_per_shard: int) -> ShardTask:
     """Shard ``k``: the samples ``sl`` of the kept order."""
     return ShardTask(
         out=out, k=k, format=fmt.name, name=name, ids=np.arange(sl.start, sl.stop, dtype=np.int64),
         keys=keys[sl], labels=labels[sl], resize=resize, quality=quality,
         encode=encode or "png", samples_per_shard=samples_per_shard,
-        sample_shape=plan.sample_shape, source=None if source.is_encoded else source,
+        sample_shape=plan.sample_shape, channels=channels,
+        source=None if source.is_encoded else source,
         paths=[source.paths[i] for i in keys[sl]] if source.is_encoded else None,
         exts=plan.exts[sl] if plan.exts else None,
         targets=plan.targets[sl] if plan.exts else None,
@@ -197,6 +212,9 @@ def convert(src, out, **options) -> dict:
         from .upload import convert_to_url
         return convert_to_url(src, str(out), **options)
     out = Path(out).absolute()
+    kind = check_not_inside(Path(src), out, lambda name: options.get("source_type") or
+                            detect_source_type(Path(src), options.get("split"), ignore=name))
+    options["source_type"] = kind or options.get("source_type")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +251,12 @@ def _convert(src, out: Path, *, format: str = "wds", source_type: str | None = N
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if shard_bytes is not None and shard_bytes < 1:
+        raise ValueError(f"shard_bytes must be >= 1, got {shard_bytes}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be 1..100 (JPEG quality), got {quality}")
     resize = parse_resize(resize)
     name = name or "shard"
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
@@ -319,7 +343,7 @@ def _convert(src, out: Path, *, format: str = "wds", source_type: str | None = N
             results[k] = done
         else:
             tasks.append(_task(fmt, str(out), k, slice(a, b), name, source, keys, labels, plan,
-                               resize, quality, encode, samples_per_shard))
+                               channels, resize, quality, encode, samples_per_shard))
     remember_source(source)
     bar = tqdm(total=n, initial=sum(len(r["rows"]) for r in results.values()),
                desc=f"write {format}", unit="img", disable=not progress)

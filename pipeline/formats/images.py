@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import numpy as np
 
@@ -53,19 +54,47 @@ def png_bit_depth(data: bytes) -> int:
     return 8
 
 
+class UnsupportedPixels(ValueError):
+    """An image whose pixel values have no unambiguous 8-bit reading (skipped, not guessed)."""
+
+
+def check_pixels(img, fmt: str) -> None:
+    """Raise UnsupportedPixels for pixels the converter would store wrong.
+
+    Floating-point pixels (mode ``F``: 0..1, 0..255 or any range) and 32-bit integers
+    (mode ``I`` of a TIFF) say nothing about their white level, and PIL's conversion clips
+    them (a 0..1 float image becomes black): they are refused rather than guessed. Mode
+    ``I`` of a PNG or PNM is 16-bit by those formats' definition and is scaled (``to_8bit``).
+    """
+    mode = img.mode
+    if mode == "F":
+        raise UnsupportedPixels("floating-point pixels (PIL mode F) have no defined 8-bit "
+                                "scale: save the image with 8- or 16-bit integer samples")
+    if mode == "I" and fmt.split(";")[0] not in ("PNG", "PPM"):
+        raise UnsupportedPixels(f"32-bit integer pixels (PIL mode I, {fmt or 'unknown format'}) "
+                                "have no defined 8-bit scale: save the image with 8- or "
+                                "16-bit samples")
+    if mode not in KNOWN_MODES:
+        raise UnsupportedPixels(f"pixel mode {mode} is not one the converter can store "
+                                "as 8 bits")
+
+
+# 8-bit modes PIL converts to L / RGB, and the wide grayscale modes ``to_8bit`` scales
+KNOWN_MODES = ("1", "L", "P", "LA", "La", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK",
+               "YCbCr", "LAB", "HSV", *WIDE_MODES)
+
+
 def channels_of_mode(mode: str) -> int:
-    """Channels a decoder yields for a PIL mode (palette and CMYK decode to RGB)."""
-    if mode in ("1", "L", "F", *WIDE_MODES):
-        return 1
-    if mode in ("LA", "La"):
-        return 2
-    if mode in ("RGBA", "PA", "RGBa"):
-        return 4
-    return 3
+    """Channels the loader's decoders deliver, and the converter stores, for a PIL mode: 1
+    (grayscale, alpha dropped) or 3 (colour: palette, CMYK, ... decode to RGB, alpha
+    dropped). The decoders produce only GRAY or RGB, so a channel count of 2 or 4 in a
+    manifest would make every batch fail."""
+    return 1 if mode in ("1", "L", "LA", "La", *WIDE_MODES) else 3
 
 
 def probe_image(path: str) -> tuple[str, int, int, int]:
-    """Fully decode one image file; return (PIL format, H, W, C). Raises on a corrupt file.
+    """Fully decode one image file; return (PIL format, H, W, C). Raises on a corrupt file
+    and on pixels with no unambiguous 8-bit reading (``check_pixels``).
 
     A 16-bit PNG reports the format "PNG;16": decoders disagree on such files (torchvision
     gives unscaled 16-bit values, DALI clips), so the converter re-encodes them as 8-bit PNG
@@ -76,10 +105,20 @@ def probe_image(path: str) -> tuple[str, int, int, int]:
     with Image.open(io.BytesIO(data)) as img:
         img.load()          # full decode: catches truncated and corrupt files
         fmt = img.format or ""
+        check_pixels(img, fmt)
         if fmt == "PNG" and png_bit_depth(data) > 8:
             fmt = "PNG;16"
         h, w = oriented(img).size[::-1]
         return fmt, h, w, channels_of_mode(img.mode)
+
+
+def unreadable_reason(e: Exception) -> str:
+    """A skip reason that reads the same on every run: PIL names the file object it read
+    (``<_io.BytesIO object at 0x7f...>``), a memory address that would make manifests differ."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image PIL can read"
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<file>", f"{type(e).__name__}: {e}")
 
 
 def oriented(img):
@@ -92,18 +131,17 @@ def oriented(img):
 def decode_bytes(data: bytes, channels: int | None = None,
                  resize: tuple[int, int] | None = None) -> np.ndarray:
     """Decode image bytes to uint8 (H,W,C), turned by its EXIF orientation; ``channels``
-    1 -> L, 3 -> RGB, 4 -> RGBA.  16-bit grayscale is scaled to 8 bits (``to_8bit``), never
-    clipped; ``resize`` (H, W) applies after the turn."""
+    1 -> L, 3 -> RGB (None: ``channels_of_mode``, alpha dropped), 4 -> RGBA. 16-bit
+    grayscale is scaled to 8 bits (``to_8bit``), never clipped; pixels with no 8-bit
+    reading raise UnsupportedPixels; ``resize`` (H, W) applies after the turn."""
     from PIL import Image
     with Image.open(io.BytesIO(data)) as img:
         img.load()
+        check_pixels(img, img.format or "")
         img = oriented(img)
         if img.mode in WIDE_MODES:
             img = to_8bit(img)
-        if channels is not None:
-            img = img.convert(_MODES[channels])
-        elif img.mode not in _MODES.values():
-            img = img.convert("RGB")
+        img = img.convert(_MODES[channels or channels_of_mode(img.mode)])
         if resize is not None and (img.height, img.width) != tuple(resize):
             img = img.resize((resize[1], resize[0]), Image.BICUBIC)
         arr = np.asarray(img, dtype=np.uint8)

@@ -28,7 +28,8 @@ from .header import HEADER_NAME
 from .manifest import COLUMN_DIR
 from .registry import FORMATS
 
-__all__ = ["LOCK_NAME", "STATE_DIR", "OutLock", "prepare_out", "start_state", "pause_point", "owned"]
+__all__ = ["LOCK_NAME", "STATE_DIR", "OutLock", "prepare_out", "start_state", "pause_point", "owned",
+           "check_not_inside"]
 
 LOCK_NAME = ".convert.lock"
 STATE_DIR = ".convert"
@@ -166,12 +167,24 @@ def _fingerprint_in(path: Path, overwrite: bool) -> str | None:
         raise ConvertError(f"{path} is damaged ({e}): use --overwrite to convert again") from e
 
 
+def _names(paths: list[Path], most: int = 5) -> str:
+    shown = ", ".join(p.name + ("/" if p.is_dir() else "") for p in sorted(paths)[:most])
+    return shown + (f" and {len(paths) - most} more" if len(paths) > most else "")
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
 def prepare_out(out: Path, fingerprint: str, overwrite: bool) -> str:
     """Return "fresh", "resume" or "done"; refuse a different dataset unless overwrite.
 
-    A conversion stopped before it recorded its plan (killed during the image check) left
-    only ``STATE_DIR`` with the fingerprint, or nothing but our own entries: the same
-    conversion resumes, and our own leftovers without any record are removed.
+    Only a record this converter wrote (``manifest.json``, or ``STATE_DIR`` with the
+    fingerprint) proves that the entries of OUT whose names it uses are its own: without
+    one, a ``*-000000.tar`` or ``data.zarr`` is the user's (their own WebDataset shards or
+    Zarr store), and OUT is refused whatever ``overwrite`` says, naming those entries. A
+    conversion killed before it recorded its fingerprint left at most an empty
+    ``STATE_DIR``, which is removed.
     """
     state = out / STATE_DIR
     status, existing = "fresh", None
@@ -181,20 +194,50 @@ def prepare_out(out: Path, fingerprint: str, overwrite: bool) -> str:
             status, existing = st, _fingerprint_in(path, overwrite)
             break
     entries = [p for p in out.iterdir() if p.name != LOCK_NAME]
+    if status == "fresh":                   # no record of ours (a damaged one is a record)
+        foreign = [p for p in entries if p.name != STATE_DIR]
+        if foreign:
+            raise ConvertError(
+                f"{out} is not empty and holds no conversion (no record of this converter: "
+                f"{HEADER_NAME} or {STATE_DIR}/{STARTED}): {_names(foreign)}. Nothing there is "
+                "known to be a conversion's, so nothing is removed, with --overwrite either: "
+                "choose an empty or new directory, or move those entries away")
+        for p in entries:                   # an empty STATE_DIR of a run killed at once
+            _remove(p)
+        return "fresh"
     if existing == fingerprint and not overwrite:
         return status
-    if entries and not overwrite:
-        if existing is not None:
-            raise ConvertError(f"{out} already holds a different dataset or conversion "
-                               f"(fingerprint {existing[:12]}, this one {fingerprint[:12]}): "
-                               "use --overwrite to replace it")
-        if not (state.is_dir() and all(owned(p.name) for p in entries)):
-            raise ConvertError(f"{out} is not empty and holds no conversion: choose an empty "
-                               "directory or use --overwrite")
-    for p in entries:                       # --overwrite removes only what we write
-        if owned(p.name):
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if not overwrite:           # (a damaged record without overwrite was refused above)
+        raise ConvertError(f"{out} already holds a different dataset or conversion "
+                           f"(fingerprint {existing[:12]}, this one {fingerprint[:12]}): "
+                           "use --overwrite to replace it")
+    # --overwrite removes only what we write, the record last: a kill part way leaves the
+    # record, so that the rerun still finds a conversion here to replace
+    ours = [p for p in entries if owned(p.name)]
+    record = {HEADER_NAME, STATE_DIR}
+    for p in sorted(ours, key=lambda p: p.name in record):
+        _remove(p)
     return "fresh"
+
+
+def check_not_inside(src: Path, out: Path, detect) -> str | None:
+    """Refuse an OUT that is the source directory or lies inside an image-folder source: the
+    walk would read it (an extra class, every label shifted). Among CIFAR batches, IDX or
+    .npz files, which are read by name, it is harmless: return the source kind, detected with
+    OUT's entry left out (``detect(name)``), for the conversion to use (a rerun finds OUT
+    there); None where OUT is not inside SRC."""
+    if not src.is_dir():
+        return None
+    s, o = Path(os.path.realpath(src)), Path(os.path.realpath(out))
+    if o != s and s not in o.parents:
+        return None
+    kind = detect(o.relative_to(s).parts[0]) if o != s else None
+    if kind in (None, "imagefolder"):
+        raise ConvertError(f"output directory {out} is inside the source {src}: the conversion "
+                           "would read its own output (as an extra class of the image folder); "
+                           "choose an OUT outside SRC")
+    return kind
+
 
 
 def start_state(out: Path, fingerprint: str) -> None:

@@ -63,6 +63,7 @@ class ShardTask:
     encode: str                     # array sources: the encoding (png unless --encode)
     samples_per_shard: int
     sample_shape: tuple[int, int, int] | None
+    channels: int = 3               # what every payload holds once decoded: 1 or 3
     source: Source | None = None    # array sources
     paths: list[str] | None = None  # image folders
     exts: list[str] | None = None
@@ -110,9 +111,9 @@ class Format(ABC):
         """Raise ValueError for an option this format does not take."""
 
     @abstractmethod
-    def plan_images(self, pil_formats: list[str], probe_shapes: np.ndarray,
+    def plan_images(self, pil_formats: list[str], probe_shapes: np.ndarray, channels: int,
                     encode: str | None, resize: tuple[int, int] | None, root: str) -> SamplePlan:
-        """What image-folder samples (PIL format and (H,W,C) of each) become."""
+        """What image-folder samples (PIL format, (H,W) of each; ``channels`` 1|3) become."""
 
     @abstractmethod
     def plan_arrays(self, sample_shape: tuple[int, int, int], encode: str | None) -> SamplePlan:
@@ -166,7 +167,8 @@ def _folder_samples(task: ShardTask) -> tuple[list[wds_mod.TarSample], np.ndarra
         if target is None:
             ext, shapes[j] = task.exts[j], task.probe_shapes[j]
         else:
-            pixels = imgs.decode_bytes(data, resize=task.resize)
+            # the dataset's channels (1|3, no alpha): a .npy is delivered as stored
+            pixels = imgs.decode_bytes(data, channels=task.channels, resize=task.resize)
             data, ext = imgs.encode_array(pixels, target, task.quality)
             shapes[j] = pixels.shape
         samples.append(wds_mod.TarSample(int(sid), int(label), data, ext))
@@ -190,7 +192,7 @@ class WdsFormat(Format):
 
     name = "wds"
 
-    def plan_images(self, pil_formats, probe_shapes, encode, resize, root):
+    def plan_images(self, pil_formats, probe_shapes, channels, encode, resize, root):
         native = [imgs.EXT_OF_FORMAT.get(f) for f in pil_formats]
         # None = store byte for byte; else the encoding to re-encode with: --encode, or
         # (--resize) JPEG stays JPEG, or formats other than JPEG/PNG become PNG (lossless)
@@ -198,11 +200,11 @@ class WdsFormat(Format):
                               (None if e else "png")) for e in native]
         exts = [e if t is None else {"jpeg": "jpg"}.get(t, t) for e, t in zip(native, targets)]
         codecs = sorted({imgs.CODEC_OF_EXT[e] for e in exts})
-        shp = probe_shapes.copy()
-        if resize:
-            shp[:, 0], shp[:, 1] = resize
-        shape = tuple(int(v) for v in shp[0]) if len({tuple(s) for s in shp}) == 1 else None
-        return SamplePlan(codecs[0] if len(codecs) == 1 else "mixed", shape, probe_shapes,
+        probe = probe_shapes.copy()
+        probe[:, 2] = channels      # what the decoders deliver: one size is one (H,W)
+        hw = {tuple(s) for s in probe[:, :2]} if resize is None else {tuple(resize)}
+        shape = (*(int(v) for v in next(iter(hw))), channels) if len(hw) == 1 else None
+        return SamplePlan(codecs[0] if len(codecs) == 1 else "mixed", shape, probe,
                           exts, targets)
 
     def plan_arrays(self, sample_shape, encode):
@@ -313,15 +315,14 @@ class ZarrFormat(Format):
         if encode is not None:
             raise ValueError("--encode applies to WebDataset output only: Zarr stores raw pixels")
 
-    def plan_images(self, pil_formats, probe_shapes, encode, resize, root):
-        c = 1 if np.all(probe_shapes[:, 2] == 1) else 3
+    def plan_images(self, pil_formats, probe_shapes, channels, encode, resize, root):
         hw = {tuple(s) for s in probe_shapes[:, :2]}
         if resize is None and len(hw) > 1:
             (h1, w1), (h2, w2) = sorted(hw)[:2]
             raise ConvertError(f"images in {root} differ in size ({h1}x{w1}, {h2}x{w2}, "
                                f"...): Zarr stores a fixed (N,H,W,C) array, use --resize HxW")
         h, w = resize or next(iter(hw))
-        return SamplePlan("raw", (int(h), int(w), c), probe_shapes)
+        return SamplePlan("raw", (int(h), int(w), channels), probe_shapes)
 
     def plan_arrays(self, sample_shape, encode):
         return SamplePlan("raw", sample_shape)

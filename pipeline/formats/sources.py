@@ -20,11 +20,15 @@ import hashlib
 import os
 import pickle
 import struct
+import sys
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .index import MAX_LABEL
 from .walk import WalkReport, display, walk_images
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -68,7 +72,7 @@ class Source:
         if self.is_encoded:
             raise TypeError("an image-folder source has no pixel array")
         if self._images is None:
-            self._images = _LOADERS[self.kind](self)[0]
+            self._images = _without_alpha(_LOADERS[self.kind](self)[0])
         return self._images
 
     def __getstate__(self):
@@ -102,8 +106,9 @@ def open_source(src: str | os.PathLike, *, source_type: str | None = None,
     return _finish_array_source("npz", path, split, [_npz_file(path)])
 
 
-def detect_source_type(path: Path, split: str | None = None) -> str:
-    """Guess the source kind from file names; raise SourceError when nothing matches."""
+def detect_source_type(path: Path, split: str | None = None, ignore: str | None = None) -> str:
+    """Guess the source kind from file names (``ignore``: an entry of ``path`` to leave out,
+    the conversion's OUT); raise SourceError when nothing matches."""
     if path.is_file():
         if path.suffix == ".npz":
             return "npz"
@@ -111,7 +116,7 @@ def detect_source_type(path: Path, split: str | None = None) -> str:
             return "idx"
         raise SourceError(f"unknown source type: {path} (expected a directory, a .npz file "
                           "or IDX files; pass --source-type)")
-    names = {p.name for p in path.iterdir()}
+    names = {p.name for p in path.iterdir()} - {ignore}
     if names & {"batches.meta", "data_batch_1", "test_batch"} or {"meta", "train"} <= names and (path / "train").is_file():
         return "cifar"
     if any(d in names for d in ("cifar-10-batches-py", "cifar-100-python")):
@@ -185,12 +190,13 @@ def _finish_array_source(kind: str, path: Path, split: str | None, files: list[P
     src = Source(kind=kind, root=str(path), split=split, classes=[], labels=np.zeros(0, np.int64),
                  description={}, fingerprint="", files=[str(f) for f in files])
     images, labels, classes = _LOADERS[kind](src)
+    if images.ndim == 4 and images.shape[-1] in (2, 4):
+        print(f"note: {src.files[0]}: {images.shape[-1]}-channel images: the alpha channel is "
+              "dropped (the loader's decoders deliver GRAY or RGB)", file=sys.stderr)
+        images = _without_alpha(images)
     if len(images) == 0:
         raise SourceError(f"empty source: no samples in {', '.join(src.files)}")
-    if labels.min() < 0 or labels.max() >= len(classes):
-        bad = int(np.flatnonzero((labels < 0) | (labels >= len(classes)))[0])
-        raise SourceError(f"label {int(labels[bad])} of sample {bad} in {src.files[-1]} is outside "
-                          f"0..{len(classes) - 1}")
+    class_names(labels, src.files[-1], classes)
     digest = hashlib.sha256()
     digest.update(kind.encode())
     digest.update(str(images.shape).encode())
@@ -202,6 +208,27 @@ def _finish_array_source(kind: str, path: Path, split: str | None, files: list[P
     src.description = {"type": kind, "path": str(path), "split": split, "files": src.files,
                        "num_samples": int(len(labels)), "shape": list(images.shape[1:])}
     return src
+
+
+def _without_alpha(x: np.ndarray) -> np.ndarray:
+    """C 2 (LA) or 4 (RGBA) -> 1 or 3, as PIL's LA->L / RGBA->RGB for image folders: the
+    loader's decoders deliver GRAY or RGB, and a manifest of 2 or 4 breaks every batch."""
+    return np.ascontiguousarray(x[..., :-1]) if x.shape[-1] in (2, 4) else x
+
+
+def class_names(labels: np.ndarray, path, classes: list[str] | None) -> list[str]:
+    """``classes``, or ``"0".."max"`` if none, once every label (in its own dtype: a uint64
+    would wrap in int64) is a class index; without names at most MAX_LABEL, as ``index``
+    (an id stored as the label would make millions of classes: their names exhaust memory)."""
+    top = MAX_LABEL if classes is None else len(classes) - 1
+    bad = np.flatnonzero((labels < 0) | (labels > top))
+    if len(bad):
+        i = int(bad[0])
+        raise SourceError(f"label {int(labels[i])} of sample {i} in {path} is outside 0..{top:,}"
+                          f"{f' ({len(bad)} such labels)' if len(bad) > 1 else ''}")
+    if classes is not None:
+        return classes
+    return [str(i) for i in range(int(labels.max(initial=-1)) + 1)]
 
 
 def _as_nhwc(x: np.ndarray, name: str) -> np.ndarray:
@@ -268,13 +295,12 @@ def _load_idx(src: Source):
     if len(labels) != len(images):
         raise SourceError(f"{lbl_file} has {len(labels)} labels but {img_file} has {len(images)} images")
     classes_txt = Path(img_file).parent / "classes.txt"
+    classes = None
     if classes_txt.exists():
         classes = [c for c in classes_txt.read_text().splitlines() if c.strip()]
     elif "fashion" in str(img_file).lower():
         classes = list(FASHION_MNIST_CLASSES)
-    else:
-        classes = [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)]
-    return images, labels, classes
+    return images, labels, class_names(labels, lbl_file, classes)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -355,22 +381,24 @@ def _npz_file(path: Path) -> Path:
 def _load_npz(src: Source):
     f = src.files[0]
     try:
-        with np.load(f, allow_pickle=False) as z:
-            if "x" not in z.files:
-                raise SourceError(f"{f} has no 'x' array (found {z.files})")
-            if "y" not in z.files:
-                raise SourceError(f"missing labels: {f} has no 'y' array (found {z.files})")
-            x, y = z["x"], z["y"]
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (OSError, ValueError) as e:
-        raise SourceError(f"cannot read {f}: {e}") from e
+        z = np.load(f, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):    # a .npy given as --source-type npz
+            raise ValueError("not an .npz archive")
+        with z:
+            names, a = z.files, {k: z[k] for k in ("x", "y", "classes") if k in z.files}
+    # a damaged or empty archive: zipfile's, zlib's and numpy's own errors, not a traceback
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise SourceError(f"cannot read {f}: {type(e).__name__}: {e}") from e
+    if "x" not in a or "y" not in a:
+        raise SourceError(f"{'missing labels: ' if 'x' in a else ''}{f} has no "
+                          f"{'y' if 'x' in a else 'x'!r} array (found {names})")
+    x, y = a["x"], a["y"]
+    classes = [str(c) for c in a["classes"]] if "classes" in a else None
     x = _as_nhwc(x, str(f))
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
         raise SourceError(f"{f}: 'y' must be integer (N,) matching x {x.shape}, got {y.dtype} {y.shape}")
-    y = y.astype(np.int64)
-    if classes is None:
-        classes = [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
-    return x, y, classes
+    classes = class_names(y, f, classes)
+    return x, y.astype(np.int64), classes
 
 
 _LOADERS = {"idx": _load_idx, "cifar": _load_cifar, "npz": _load_npz}
