@@ -248,3 +248,19 @@ def test_cli_convert_verify_and_exit_codes(npz, tmp_path, repo_root):
     r = subprocess.run(cli + [str(tmp_path), str(tmp_path / "o2"), "--source-type", "idx"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "missing IDX file" in r.stderr
+
+
+@pytest.mark.parametrize("fmt", ["wds", "zarr"])
+def test_verify_compares_the_stored_labels(npz, tmp_path, fmt):
+    """A manifest label that disagrees with the label stored beside the image (the wds
+    `.cls` member, the Zarr `labels` array): verify said OK and the Loader trained on it."""
+    out = tmp_path / fmt
+    convert(npz, out, format=fmt, samples_per_shard=10, progress=False)
+    assert "labels" in verify(out)["checks"]
+    path = out / "manifest" / "label.npy"
+    labels = np.load(path)
+    labels[17] = (labels[17] + 1) % 4                                       # still a class index
+    np.save(path, labels)
+    with pytest.raises(VerifyError, match=f"sample 17 is stored with label {(labels[17] - 1) % 4}, "
+                                          f"the manifest says {labels[17]}"):
+        verify(out)

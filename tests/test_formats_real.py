@@ -45,7 +45,7 @@ def test_cifar_wds_subset_bytes_labels(cifar_wds, cifar_jpeg_root):
         assert ds.read(i) == want, f"sample {i} differs from {src.paths[ds.keys[i]]}"
     ds.check_files(verify_checksum=True)
     rep = verify(cifar_wds)
-    assert rep["num_samples"] == 2000 and rep["checks"] == ["sizes", "sha256", "per-sample CRC32", "locations"]
+    assert rep["num_samples"] == 2000 and rep["checks"] == ["sizes", "sha256", "per-sample CRC32", "locations", "labels"]
 
 
 def test_cifar_train_full_wds_two_workers(cifar_jpeg_root, tmp_path):
