@@ -392,8 +392,11 @@ def test_ctrl_c_prints_one_line_exits_130_and_the_rerun_resumes(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=str(REPO), **{PAUSE_ENV: "write:60"})
     args = [str(src), str(out), "--samples-per-shard", "2", "--workers", "2", "--no-progress"]
+    # a terminal's job gets SIGINT; a background job of a non-interactive shell (CI under
+    # `... &`) inherits it ignored, and Python then keeps ignoring it: restore the default
     p = subprocess.Popen([*SHARD, *args], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline, err = time.time() + 90, ""
         while time.time() < deadline:
