@@ -141,6 +141,8 @@ class Loader(LoaderState):
         self._layout: tuple[int, tuple[tuple[int, int], ...]] = (-1, ())
         self._position = (0, 0)  # (epoch, batches consumed) for state_dict
         self._live: weakref.ref | None = None  # the epoch iterator streaming now
+        self._planned: tuple[int, np.ndarray] | None = None  # (epoch, planned-id mask) for update()
+        self._unplanned_warned = False
         self._stats: dict[int, EpochStats] = {}
         self._report = CorruptReport(ds, opt.read.on_corrupt is OnCorrupt.RAISE,
                                      opt.read.max_corrupt_fraction,
@@ -350,6 +352,7 @@ class Loader(LoaderState):
             losses, weights = last.score_update(losses)
         detach = lambda x: x.detach() if torch.is_tensor(x) else x  # noqa: E731
         real, bad = self.scores.update(detach(ids), detach(losses), detach(weights))
+        self._check_planned(ids)
         if bad and last is not None:    # counted in stats; the first of an epoch warns
             self._stats[last.epoch].num_nonfinite += bad
             if last.epoch not in self._nonfinite_warned:
@@ -359,6 +362,24 @@ class Loader(LoaderState):
                 warnings.warn(f"epoch {last.epoch} step {last.step}: {what} NaN/inf (diverged? lower "
                               "the LR); the scores ignore them (counted in stats().num_nonfinite)",
                               RuntimeWarning, stacklevel=2)
+
+    def _check_planned(self, ids) -> None:
+        """Warn once if reported ids were not planned this epoch (labels passed for ids?)."""
+        if self._plan is None or self._unplanned_warned:
+            return
+        epoch, bp = self._plan
+        if self._planned is None or self._planned[0] != epoch:
+            mask = np.zeros(self.n, bool)
+            mask[bp.ids[bp.ids >= 0]] = True
+            self._planned = (epoch, mask)
+        got = np.asarray(ids.detach().cpu() if torch.is_tensor(ids) else ids).reshape(-1)
+        got = got[(got >= 0) & (got < self.n)]   # out of range: Scores.update refused those
+        off = got[~self._planned[1][got]]
+        if len(off):
+            self._unplanned_warned = True
+            warnings.warn(f"update(): {len(off)} of {len(got)} ids (e.g. {off[:3].tolist()}) are not in "
+                          f"epoch {epoch}'s plan: pass batch.ids (not the labels) with each batch's "
+                          "losses", RuntimeWarning, stacklevel=3)
 
     def stats(self, epoch: int | None = None) -> EpochStats:
         """Counters of ``epoch`` (default: the latest epoch started)."""

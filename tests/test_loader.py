@@ -302,6 +302,23 @@ def test_an_epoch_left_open_is_ended_by_the_next(cifar_test_wds, backend):
         L.epoch(2)
 
 
+def test_update_with_unplanned_ids_warns_once(cifar_test_wds):
+    """`update(batch.labels, losses)` (labels for ids) was accepted: the scores of samples
+    0-9 took every loss.  Ids the epoch did not plan now warn, once; batch.ids do not."""
+    ds = pipeline.open_dataset(cifar_test_wds)
+    with pipeline.Loader(ds, 500, keep=0.5, policy="swdpp", epochs=3, backend="torch", device="cpu",
+                         num_workers=0, augment=None) as L:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for b in L.epoch(0):
+                L.update(b.ids, _losses(b.ids))
+        with pytest.warns(RuntimeWarning, match=r"ids \(e\.g\. .*\) are not in epoch 1's plan: pass "
+                                                r"batch\.ids \(not the labels\)") as caught:
+            for b in L.epoch(1):
+                L.update(b.labels, _losses(b.ids))
+        assert len([w for w in caught if "not in epoch" in str(w.message)]) == 1
+
+
 def test_dali_spawned_workers(cifar_test_wds):
     """The path taken when CUDA is already initialised: workers spawned, source pickled."""
     ds = pipeline.open_dataset(cifar_test_wds)
